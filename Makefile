@@ -1,0 +1,28 @@
+# Every target uses the virtual environment in .venv/ (created by `make install`).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test bench reproduce clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m compress_lit.train
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m pytest -q benchmarks 2>/dev/null || true
+
+clean:
+	rm -rf outputs multirun .cache .pytest_cache

@@ -1,0 +1,72 @@
+"""The anchor queue: a FIFO ring buffer of embeddings, held as registered, persistent buffers.
+
+One ``AnchorQueue`` holds one or more *banks* (e.g. ``teacher`` and ``student``) that share a single write
+pointer, so slot ``i`` of every bank always holds the same image — the paper's requirement that the teacher and
+student queues are written together. Contents and pointer are buffers, so they are moved by Lightning with the
+module and saved in (and restored from) checkpoints.
+
+``enqueue`` writes in place with at most two slice copies (the wrap-around), never cloning the queue. Under DDP,
+callers pass keys already gathered from every process (``LightningModule.all_gather``), so the pointer advances
+by the global batch and every process holds the same queue.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class AnchorQueue(nn.Module):
+    def __init__(self, size: int, dims: dict[str, int], dtype: str | torch.dtype = torch.float32):
+        super().__init__()
+        if size <= 0:
+            raise ValueError(f"queue size must be > 0, got {size}")
+        if not dims:
+            raise ValueError("an AnchorQueue needs at least one bank")
+        dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.size = int(size)
+        self.bank_names = tuple(dims)
+        for name, dim in dims.items():
+            # PAPER.md: initialised uniform in ±1/sqrt(d/3)
+            bound = 1.0 / math.sqrt(dim / 3.0)
+            self.register_buffer(f"bank_{name}", (torch.rand(size, dim) * 2 * bound - bound).to(dtype))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("num_enqueued", torch.zeros((), dtype=torch.long))
+
+    def bank(self, name: str) -> torch.Tensor:
+        """The anchors of one bank, (size, dim); a view, not a copy."""
+        return getattr(self, f"bank_{name}")
+
+    @property
+    def is_full(self) -> bool:
+        return int(self.num_enqueued) >= self.size
+
+    @torch.no_grad()
+    def enqueue(self, **keys: torch.Tensor) -> None:
+        """Write one (already gathered) batch into every bank at the shared pointer, wrapping around."""
+        if set(keys) != set(self.bank_names):
+            raise ValueError(f"enqueue needs exactly the banks {self.bank_names}, got {sorted(keys)}")
+        n = {k.shape[0] for k in keys.values()}
+        if len(n) != 1:
+            raise ValueError(f"every bank must receive the same number of keys, got {n}")
+        n = n.pop()
+        if n > self.size:  # only the newest `size` keys survive
+            keys = {k: v[-self.size:] for k, v in keys.items()}
+            n = self.size
+        ptr = int(self.ptr)
+        first = min(n, self.size - ptr)
+        for name, k in keys.items():
+            bank = self.bank(name)
+            k = k.detach().to(bank.dtype)
+            bank[ptr:ptr + first].copy_(k[:first])
+            if first < n:
+                bank[: n - first].copy_(k[first:])
+        self.ptr.fill_((ptr + n) % self.size)
+        self.num_enqueued.add_(n)
+
+    def extra_repr(self) -> str:
+        dims = {n: self.bank(n).shape[1] for n in self.bank_names}
+        return f"size={self.size}, banks={dims}"

@@ -1,0 +1,222 @@
+"""Structured configs: the schema every Hydra config is merged into, and the start-up checks.
+
+Types are enforced by OmegaConf when the YAML is merged into these dataclasses (a string where an int is
+expected fails at composition, naming the key); ``validate`` adds range and consistency checks that name the
+full key, so a bad value fails before any data is read or any network is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+TEACHER_FORMATS = ("moco", "swav", "simclr_tf", "simclr_converted", "torchvision", "compress_lit", "random")
+METHODS = ("compress_2q", "compress_2q_nomomentum", "compress_1q")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+@dataclass
+class TeacherConfig:
+    name: str = MISSING
+    arch: str = MISSING
+    format: str = "torchvision"  # one of TEACHER_FORMATS
+    checkpoint: Optional[str] = None  # path of the checkpoint file
+    small_input: bool = False
+    width_multiplier: Optional[float] = None
+    # the demo teacher: when its checkpoint is missing, `python -m compress_lit.pretrain <pretrain_args>
+    # output=<checkpoint>` builds it first
+    pretrain_if_missing: bool = False
+    pretrain_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StudentConfig:
+    name: str = MISSING
+    arch: str = MISSING
+    small_input: bool = False
+    width_multiplier: Optional[float] = None
+    fc_dim: Optional[int] = None  # AlexNet only: width of fc6/fc7
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # digits | fashion_mnist | imagefolder
+    root: Optional[str] = None
+    image_size: int = 224
+    resize_size: int = 256  # evaluation: Resize(resize_size) + CenterCrop(image_size) (ImageFolder only)
+    in_channels: int = 3
+    batch_size: int = 256
+    eval_batch_size: int = 512
+    num_workers: int = 4
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    hflip: bool = True
+    color_jitter: float = 0.0  # strength of brightness/contrast jitter (small images); 0 disables
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    train_subset: Optional[int] = None  # use only the first N training images (seeded permutation)
+    val_subset: Optional[int] = None
+    val_fraction: float = 0.2  # digits only: held-out share of the 1,797 images (stratified, fixed seed)
+    split_seed: int = 0
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING  # one of METHODS
+    queue_size: int = 128_000
+    temperature: float = 0.04  # teacher and student, as in the paper
+    student_temperature: Optional[float] = None  # None: same as temperature
+    momentum: float = 0.999  # EMA of the momentum student (2q)
+    use_momentum_encoder: bool = True
+    one_queue: bool = False  # 1q: a linear layer maps the student into teacher space; one teacher queue
+    queue_dtype: str = "float32"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    epochs: int = 130
+    scheduler: str = "multistep"  # multistep | cosine | constant
+    milestones: list[int] = field(default_factory=lambda: [90, 120])
+    gamma: float = 0.2
+    warmup_epochs: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"  # csv | wandb | none
+    project: str = "compress_lit"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    mode: str = "auto"  # auto: online if logged in, else offline; or online | offline | disabled
+    log_model: bool = False
+
+
+@dataclass
+class EvalConfig:
+    knn_k: list[int] = field(default_factory=lambda: [1, 20])
+    at_end: bool = True  # evaluate student and teacher (and the random-init student) after training
+    random_baseline: bool = True
+    save_features: bool = False  # write features.npz (train_x, train_y, test_x, test_y) per model
+
+
+@dataclass
+class TrainConfig:
+    teacher: TeacherConfig = MISSING
+    student: StudentConfig = MISSING
+    data: DataConfig = MISSING
+    method: MethodConfig = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)  # passed to lightning.Trainer
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    cache_dir: str = "${oc.env:COMPRESS_LIT_CACHE,.cache}"
+    resume: Optional[str] = None  # None | auto | path to a checkpoint
+    run_name: Optional[str] = None
+
+
+@dataclass
+class PretrainMethodConfig:
+    name: str = "mocov2"
+    queue_size: int = 4096
+    temperature: float = 0.2
+    momentum: float = 0.99
+    proj_hidden_dim: int = 512
+    proj_dim: int = 128
+
+
+@dataclass
+class PretrainConfig:
+    student: StudentConfig = MISSING  # the architecture pretrained (the demo teacher, or MoCo-from-scratch)
+    data: DataConfig = MISSING
+    method: PretrainMethodConfig = field(default_factory=PretrainMethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    output: Optional[str] = None  # where to copy the final checkpoint (the demo teacher's path)
+    run_name: Optional[str] = None
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="pretrain_schema", node=PretrainConfig)
+
+
+def _positive(cfg: DictConfig, key: str, strict: bool = True) -> None:
+    v = OmegaConf.select(cfg, key)
+    if v is None:
+        return
+    if (v <= 0) if strict else (v < 0):
+        raise ConfigError(f"{key}={v!r} is invalid: it must be {'> 0' if strict else '>= 0'}")
+
+
+def _one_of(cfg: DictConfig, key: str, choices) -> None:
+    v = OmegaConf.select(cfg, key)
+    if v not in choices:
+        raise ConfigError(f"{key}={v!r} is invalid: choose one of {list(choices)}")
+
+
+def _validate_common(cfg: DictConfig) -> None:
+    from .models import ARCHITECTURES
+
+    for key in ("data.image_size", "data.batch_size", "data.eval_batch_size", "optim.lr", "optim.epochs"):
+        _positive(cfg, key)
+    for key in ("optim.weight_decay", "optim.momentum", "data.num_workers", "optim.warmup_epochs"):
+        _positive(cfg, key, strict=False)
+    _one_of(cfg, "data.name", ("digits", "fashion_mnist", "imagefolder"))
+    _one_of(cfg, "optim.scheduler", ("multistep", "cosine", "constant"))
+    _one_of(cfg, "logger.name", ("csv", "wandb", "none"))
+    _one_of(cfg, "logger.mode", ("auto", "online", "offline", "disabled"))
+    lo, hi = cfg.data.crop_scale
+    if not (0 < lo <= hi <= 1):
+        raise ConfigError(f"data.crop_scale={[lo, hi]} is invalid: need 0 < min <= max <= 1")
+    if len(cfg.data.mean) != cfg.data.in_channels or len(cfg.data.std) != cfg.data.in_channels:
+        raise ConfigError(f"data.mean/data.std need {cfg.data.in_channels} values (data.in_channels)")
+    if cfg.data.name == "imagefolder" and not cfg.data.root:
+        raise ConfigError("data.root is required for data=imagefolder (a folder holding train/ and val/)")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} is invalid: need 0 < value < 1")
+    if any(k <= 0 for k in cfg.eval.knn_k):
+        raise ConfigError(f"eval.knn_k={list(cfg.eval.knn_k)} is invalid: every k must be > 0")
+    for group in ("student", "teacher"):
+        node = cfg.get(group)
+        if node is not None and node.arch not in ARCHITECTURES:
+            raise ConfigError(f"{group}.arch={node.arch!r} is invalid: choose one of {sorted(ARCHITECTURES)}")
+    ms = list(cfg.optim.milestones)
+    if ms != sorted(ms) or any(m <= 0 for m in ms):
+        raise ConfigError(f"optim.milestones={ms} is invalid: need increasing positive epochs")
+
+
+def validate_train(cfg: DictConfig) -> None:
+    """Range and consistency checks for `compress_lit.train`; raises ConfigError naming the key."""
+    _validate_common(cfg)
+    _positive(cfg, "method.queue_size")
+    _positive(cfg, "method.temperature")
+    _positive(cfg, "method.student_temperature")
+    _one_of(cfg, "method.name", METHODS)
+    _one_of(cfg, "teacher.format", TEACHER_FORMATS)
+    _one_of(cfg, "method.queue_dtype", ("float32", "float16", "bfloat16"))
+    if not 0 <= cfg.method.momentum < 1:
+        raise ConfigError(f"method.momentum={cfg.method.momentum} is invalid: need 0 <= m < 1")
+    if cfg.teacher.format not in ("random",) and not cfg.teacher.checkpoint:
+        raise ConfigError(f"teacher.checkpoint is required for teacher.format={cfg.teacher.format!r}")
+    if cfg.method.one_queue and cfg.method.use_momentum_encoder:
+        raise ConfigError("method.one_queue=true uses no student queue: set method.use_momentum_encoder=false")
+
+
+def validate_pretrain(cfg: DictConfig) -> None:
+    _validate_common(cfg)
+    _positive(cfg, "method.queue_size")
+    _positive(cfg, "method.temperature")
+    if not 0 <= cfg.method.momentum < 1:
+        raise ConfigError(f"method.momentum={cfg.method.momentum} is invalid: need 0 <= m < 1")

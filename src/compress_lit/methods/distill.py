@@ -1,0 +1,105 @@
+"""The distillation base: a LightningModule that owns the frozen teacher, the student and the optimiser.
+
+Subclasses (CompReSS 2q / 1q, and the baselines) implement ``distill(x, student_emb, teacher_emb)`` returning
+``(loss, logs)`` and, if they train extra layers, list them in ``extra_modules``. Everything else — the teacher
+forward under no-grad, keeping the teacher frozen and in eval mode, gathering across processes, the optimiser and
+schedule, keeping the teacher's weights out of checkpoints (they come from the teacher's own file) — is here.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..schedule import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class DistillationModule(pl.LightningModule):
+    def __init__(self, student: nn.Module, teacher: nn.Module, optim: Any, config: dict | None = None):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.optim_cfg = optim
+        self.save_hyperparameters({"config": config or {}})
+        self.student_dim = int(student.embed_dim)
+        self.teacher_dim = int(teacher.embed_dim)
+
+    # ---- pieces subclasses provide ---------------------------------------------------------------------------
+    def distill(self, x: torch.Tensor, student_emb: torch.Tensor, teacher_emb: torch.Tensor
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def extra_modules(self) -> list[nn.Module]:
+        """Trainable modules besides the student backbone (e.g. the 1q projection); dropped at evaluation."""
+        return []
+
+    # ---- shared machinery ------------------------------------------------------------------------------------
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate ``t`` from every process in rank order (identity on one process)."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return t
+        return self.all_gather(t.contiguous()).flatten(0, 1)
+
+    @torch.no_grad()
+    def teacher_targets(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.teacher(x).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's embedding: what every evaluation uses (no projection head)."""
+        return self.student(x)
+
+    def training_step(self, batch, batch_idx):
+        x, _, index = batch
+        teacher_emb = self.teacher_targets(x, index)
+        student_emb = self.student(x)
+        loss, logs = self.distill(x, student_emb, teacher_emb)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at global step {self.global_step} "
+                                     f"(epoch {self.current_epoch}, batch {batch_idx})")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
+        for k, v in logs.items():
+            self.log(f"train/{k}", v, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self.teacher.eval()  # Lightning's model.train() must never put the teacher's BatchNorm in train mode
+        self.teacher.assert_frozen()
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
+
+    def parameter_groups(self) -> list[dict]:
+        params = list(self.student.parameters())
+        for m in self.extra_modules():
+            params += list(m.parameters())
+        return [{"name": "student", "params": params}]
+
+    def configure_optimizers(self):
+        return build_optimizer(self.parameter_groups(), self.optim_cfg)
+
+    # ---- checkpoints: the teacher's weights stay in the teacher's own file -----------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith("teacher.")]:
+            del sd[k]
+        checkpoint["teacher_fingerprint"] = self.teacher.fingerprint()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("teacher_fingerprint")
+        mine = self.teacher.fingerprint()
+        if saved is not None and saved != mine:
+            raise RuntimeError(
+                f"this checkpoint was trained with another teacher (fingerprint {saved}, current teacher {mine}); "
+                "resume with the teacher the run started with")
+        sd = checkpoint["state_dict"]
+        for k, v in self.teacher.state_dict(prefix="teacher.").items():
+            sd.setdefault(k, v)
+
+
+def l2n(t: torch.Tensor) -> torch.Tensor:
+    return F.normalize(t.float(), dim=1)

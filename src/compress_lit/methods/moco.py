@@ -1,0 +1,82 @@
+"""MoCo v2 pretraining: the demo's teacher, and the "MoCo from scratch" baseline on the student architecture.
+
+Query encoder = backbone + MLP projector; key encoder = EMA copy of both; InfoNCE of each query against its
+key (positive) and a queue of past keys (negatives), temperature 0.2 by default. The backbone is stored under
+``backbone.`` in checkpoints, which is what the teacher loader's ``compress_lit`` format reads.
+"""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..momentum import ema_update, make_momentum_copy
+from ..anchor_queue import AnchorQueue
+from ..schedule import build_optimizer
+
+
+def mlp_projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy of the positive (column 0) among [q·k, q·negatives] / T; q, k normalised, fp32."""
+    q, k = q.float(), k.float()
+    pos = (q * k).sum(1, keepdim=True)
+    neg = q @ negatives.float().t()
+    logits = torch.cat([pos, neg], 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+class MoCoV2(pl.LightningModule):
+    def __init__(self, backbone: nn.Module, optim, *, queue_size: int = 4096, temperature: float = 0.2,
+                 momentum: float = 0.99, proj_hidden_dim: int = 512, proj_dim: int = 128,
+                 config: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters({"config": config or {}})
+        self.backbone = backbone
+        self.projector = mlp_projector(backbone.embed_dim, proj_hidden_dim, proj_dim)
+        self.backbone_momentum = make_momentum_copy(backbone)
+        self.projector_momentum = make_momentum_copy(self.projector)
+        self.queue = AnchorQueue(queue_size, {"keys": proj_dim})
+        with torch.no_grad():  # MoCo starts from normalised random keys
+            self.queue.bank("keys").copy_(F.normalize(torch.randn(queue_size, proj_dim), dim=1))
+        self.temperature = temperature
+        self.momentum = momentum
+        self.optim_cfg = optim
+        self._last_ema_step = -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return t
+        return self.all_gather(t.contiguous()).flatten(0, 1)
+
+    def training_step(self, batch, batch_idx):
+        (x1, x2), _, _ = batch
+        q = F.normalize(self.projector(self.backbone(x1)), dim=1)
+        with torch.no_grad():
+            k = F.normalize(self.projector_momentum(self.backbone_momentum(x2)), dim=1)
+        loss = info_nce(q, k, self.queue.bank("keys"), self.temperature)
+        self.queue.enqueue(keys=self.gather(k))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at global step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x1.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.global_step > self._last_ema_step:
+            ema_update(self.backbone_momentum, self.backbone, self.momentum)
+            ema_update(self.projector_momentum, self.projector, self.momentum)
+            self._last_ema_step = self.global_step
+
+    def on_train_epoch_start(self) -> None:
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
+
+    def configure_optimizers(self):
+        params = list(self.backbone.parameters()) + list(self.projector.parameters())
+        return build_optimizer([{"name": "backbone", "params": params}], self.optim_cfg)

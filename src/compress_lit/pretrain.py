@@ -1,0 +1,66 @@
+"""`python -m compress_lit.pretrain`: MoCo v2 pretraining of a backbone (the demo teacher, or MoCo-from-scratch).
+
+The final checkpoint is a Lightning checkpoint with the backbone under ``backbone.``; the teacher loader reads
+it with ``teacher.format=compress_lit``. ``output=<path>`` also copies it there (atomically).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .config import register_configs, validate_pretrain
+from .data import build_datamodule
+from .loggers import build_logger
+from .methods import MoCoV2
+from .train import CONF_DIR, build_student, build_trainer, evaluate_embeddings, format_table
+
+log = logging.getLogger("compress_lit.pretrain")
+register_configs()
+
+
+def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    validate_pretrain(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(cfg.data, views=2)
+    dm.setup("fit")
+    backbone = build_student(cfg.student)
+    m = cfg.method
+    module = MoCoV2(backbone, cfg.optim, queue_size=m.queue_size, temperature=m.temperature, momentum=m.momentum,
+                    proj_hidden_dim=m.proj_hidden_dim, proj_dim=m.proj_dim,
+                    config=OmegaConf.to_container(cfg, resolve=True))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    logger = build_logger(cfg.logger, run_dir, cfg.run_name, resolved)
+    trainer = build_trainer(cfg, run_dir, logger)
+    trainer.fit(module, datamodule=dm)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.output and trainer.is_global_zero:
+        out = Path(cfg.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.copyfile(last, tmp)
+        os.replace(tmp, out)
+        log.info("pretrained checkpoint written to %s", out)
+    results = {}
+    if cfg.eval.at_end and trainer.is_global_zero:
+        results = evaluate_embeddings({f"{cfg.student.name} (MoCo v2)": module.backbone}, dm, list(cfg.eval.knn_k),
+                                      module.device)
+        print(f"\nk-NN top-1 (%) on the held-out {cfg.data.name} split\n{format_table(results)}\n", flush=True)
+    return results
+
+
+@hydra.main(config_path=CONF_DIR, config_name="pretrain", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO)
+    run_pretrain(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

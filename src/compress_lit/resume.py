@@ -1,0 +1,59 @@
+"""Which checkpoint a run resumes from: ``resume=null`` (none), a ``.ckpt`` path, a run dir, or ``auto``.
+
+``auto`` looks through earlier Hydra run dirs beside this one (``outputs/<date>/<time>`` or a multirun's
+``multirun/<date>/<time>/<n>``) for the newest ``checkpoints/last.ckpt`` whose saved config
+(``.hydra/config.yaml``) equals this run's, the ``resume`` key aside, so a re-launched job continues its own run
+and never another's.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def _config_without_resume(path: Path):
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    cfg.pop("resume", None)
+    return cfg
+
+
+def find_auto_checkpoint(run_dir: Path) -> Path | None:
+    mine = run_dir / ".hydra" / "config.yaml"
+    if not mine.exists():
+        raise FileNotFoundError(f"resume=auto needs this run's Hydra config at {mine}")
+    target = _config_without_resume(mine)
+    # outputs/<date>/<time> → outputs;  multirun/<date>/<time>/<job number> → multirun
+    root = run_dir.parents[2] if run_dir.name.isdigit() else run_dir.parents[1]
+    candidates = []
+    for ckpt in root.glob("**/checkpoints/last.ckpt"):
+        d = ckpt.parent.parent
+        if d.resolve() == run_dir.resolve() or not (d / ".hydra" / "config.yaml").exists():
+            continue
+        if _config_without_resume(d / ".hydra" / "config.yaml") == target:
+            candidates.append(ckpt)
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def resolve_resume(resume: str | None, run_dir: str | Path) -> str | None:
+    if not resume:
+        return None
+    run_dir = Path(run_dir)
+    if resume == "auto":
+        found = find_auto_checkpoint(run_dir)
+        if found is None:
+            log.info("resume=auto: no earlier run with this config has a checkpoint; starting fresh")
+            return None
+        log.info("resume=auto: resuming from %s", found)
+        return str(found)
+    p = Path(resume)
+    if p.is_dir():
+        p = p / "checkpoints" / "last.ckpt"
+    if not p.is_file():
+        raise FileNotFoundError(f"resume={resume!r}: no checkpoint at {p}")
+    return str(p)

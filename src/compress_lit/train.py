@@ -1,0 +1,146 @@
+"""`python -m compress_lit.train`: compress a frozen teacher into a student (Hydra + Lightning).
+
+With no arguments it runs the embedded default: digits data, the project's own MoCo v2 demo teacher (pretrained
+first if its checkpoint is not in the cache), a small ResNet-18 student, CompReSS-2q. The paper's setting is
+``python -m compress_lit.train teacher=resnet50x4 student=alexnet data=imagenet data.root=/path``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .config import register_configs, validate_train
+from .data import build_datamodule
+from .evaluation import extract_features, knn_accuracy, save_features
+from .loggers import build_logger
+from .methods import CompReSS
+from .models import build_backbone
+from .resume import resolve_resume
+from .teacher import build_teacher
+
+log = logging.getLogger("compress_lit.train")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+register_configs()
+
+
+def build_student(scfg, num_classes: int | None = None) -> torch.nn.Module:
+    kw = {}
+    if scfg.fc_dim is not None:
+        kw["fc_dim"] = scfg.fc_dim
+    if num_classes:
+        kw["num_classes"] = num_classes
+    return build_backbone(scfg.arch, small_input=scfg.small_input, width_multiplier=scfg.width_multiplier, **kw)
+
+
+def build_method(cfg: DictConfig, student, teacher) -> CompReSS:
+    m = cfg.method
+    return CompReSS(student, teacher, cfg.optim, queue_size=m.queue_size, temperature=m.temperature,
+                    student_temperature=m.student_temperature, momentum=m.momentum,
+                    use_momentum_encoder=m.use_momentum_encoder, one_queue=m.one_queue,
+                    queue_dtype=m.queue_dtype, config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def ensure_teacher_checkpoint(tcfg) -> None:
+    """Build the demo teacher with the pretraining entry point when its checkpoint is not there yet."""
+    path = Path(tcfg.checkpoint)
+    if path.exists() or not tcfg.pretrain_if_missing:
+        return
+    cmd = [sys.executable, "-m", "compress_lit.pretrain", *tcfg.pretrain_args, f"output={path}"]
+    print(f"[compress_lit] teacher checkpoint {path} not found: pretraining it first with\n  {' '.join(cmd)}",
+          flush=True)
+    subprocess.run(cmd, check=True)
+    if not path.exists():
+        raise RuntimeError(f"pretraining finished but wrote no checkpoint at {path}")
+    print(f"[compress_lit] teacher ready: {path} (reused on later runs)", flush=True)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()) -> pl.Trainer:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1)
+    kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    kwargs.setdefault("max_epochs", cfg.optim.epochs)
+    try:
+        return pl.Trainer(default_root_dir=str(run_dir), logger=logger, callbacks=[ckpt, *callbacks], **kwargs)
+    except TypeError as e:  # an unknown trainer.* key
+        raise ValueError(f"invalid trainer.* setting: {e}") from e
+
+
+def evaluate_embeddings(models: dict, dm, ks, device, out_dir: Path | None = None) -> dict[str, dict[str, float]]:
+    """k-NN top-1 (%) on the held-out split for each named embedding function, banked on the train split."""
+    results = {}
+    for name, model in models.items():
+        tr_x, tr_y = extract_features(model, dm.train_eval_dataloader(), device)
+        te_x, te_y = extract_features(model, dm.val_dataloader(), device)
+        results[name] = {f"{k}-NN": knn_accuracy(tr_x, tr_y, te_x, te_y, k=k, num_classes=dm.num_classes)
+                         for k in ks}
+        if out_dir is not None:
+            save_features(out_dir / f"features_{name.split(' ')[0]}.npz", tr_x, tr_y, te_x, te_y)
+    return results
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    cols = list(next(iter(results.values())))
+    width = max(len(n) for n in results) + 2
+    lines = ["".join([f"{'model':<{width}}", *[f"{c:>9}" for c in cols]])]
+    for name, row in results.items():
+        lines.append("".join([f"{name:<{width}}", *[f"{row[c]:>9.2f}" for c in cols]]))
+    return "\n".join(lines)
+
+
+def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    validate_train(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(cfg.data)
+    dm.setup("fit")
+    if cfg.teacher.checkpoint:
+        ensure_teacher_checkpoint(cfg.teacher)
+    teacher = build_teacher(cfg.teacher)
+    student = build_student(cfg.student)
+    init_student = copy.deepcopy(student) if (cfg.eval.at_end and cfg.eval.random_baseline) else None
+    module = build_method(cfg, student, teacher)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    logger = build_logger(cfg.logger, run_dir, cfg.run_name, resolved)
+    trainer = build_trainer(cfg, run_dir, logger)
+    ckpt_path = resolve_resume(cfg.resume, run_dir)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    teacher.assert_frozen()
+
+    results: dict = {}
+    if cfg.eval.at_end and trainer.is_global_zero:
+        device = module.device
+        models = {f"teacher ({cfg.teacher.name})": teacher,
+                  f"student ({cfg.method.name})": module.student}
+        if init_student is not None:
+            models["student, random init"] = init_student.to(device)
+        results = evaluate_embeddings(models, dm, list(cfg.eval.knn_k), device,
+                                      run_dir if cfg.eval.save_features else None)
+        table = format_table(results)
+        print(f"\nk-NN top-1 (%) on the held-out {cfg.data.name} split "
+              f"({dm.num_val} images; bank: {dm.num_train} train images)\n{table}\n", flush=True)
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        if logger:
+            trainer.logger.log_metrics({f"eval/{m}/{k}": v for m, row in results.items() for k, v in row.items()})
+    return results
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO)
+    run_train(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()
