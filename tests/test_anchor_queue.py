@@ -74,3 +74,16 @@ def test_half_precision_banks():
     q.enqueue(teacher=torch.tensor([[0.5, 0.25]]))
     assert q.bank("teacher").dtype == torch.float16
     assert q.bank("teacher")[0].tolist() == [0.5, 0.25]
+
+
+def test_staged_keys_are_written_only_on_flush():
+    q = AnchorQueue(4, {"teacher": 2})
+    before = q.bank("teacher").clone()
+    q.stage(teacher=torch.ones(2, 2))
+    assert torch.equal(q.bank("teacher"), before) and int(q.ptr) == 0
+    with pytest.raises(RuntimeError, match="flush"):
+        q.stage(teacher=torch.ones(2, 2))
+    q.flush()
+    assert q.bank("teacher")[:2].eq(1).all() and int(q.ptr) == 2
+    q.flush()  # nothing staged: no-op
+    assert int(q.ptr) == 2

@@ -5,7 +5,10 @@ pointer, so slot ``i`` of every bank always holds the same image — the paper's
 student queues are written together. Contents and pointer are buffers, so they are moved by Lightning with the
 module and saved in (and restored from) checkpoints.
 
-``enqueue`` writes in place with at most two slice copies (the wrap-around), never cloning the queue. Under DDP,
+``enqueue`` writes in place with at most two slice copies (the wrap-around), never cloning the queue. Because the
+similarities of a step keep a reference to the queue for their backward pass, a training step *stages* its keys
+with ``stage`` and the module commits them with ``flush`` after the backward (``on_train_batch_end``): the queue is
+never written while autograd still needs it, and no copy of it is made to allow that. Under DDP,
 callers pass keys already gathered from every process (``LightningModule.all_gather``), so the pointer advances
 by the global batch and every process holds the same queue.
 """
@@ -35,6 +38,7 @@ class AnchorQueue(nn.Module):
             self.register_buffer(f"bank_{name}", (torch.rand(size, dim) * 2 * bound - bound).to(dtype))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_enqueued", torch.zeros((), dtype=torch.long))
+        self._staged: dict[str, torch.Tensor] | None = None
 
     def bank(self, name: str) -> torch.Tensor:
         """The anchors of one bank, (size, dim); a view, not a copy."""
@@ -66,6 +70,18 @@ class AnchorQueue(nn.Module):
                 bank[: n - first].copy_(k[first:])
         self.ptr.fill_((ptr + n) % self.size)
         self.num_enqueued.add_(n)
+
+    def stage(self, **keys: torch.Tensor) -> None:
+        """Hold one batch of keys to enqueue at the next ``flush`` (after the backward pass)."""
+        if self._staged is not None:
+            raise RuntimeError("keys staged twice without a flush: call flush() after each training step")
+        self._staged = {k: v.detach() for k, v in keys.items()}
+
+    def flush(self) -> None:
+        """Enqueue the staged keys, if any."""
+        if self._staged is not None:
+            staged, self._staged = self._staged, None
+            self.enqueue(**staged)
 
     def extra_repr(self) -> str:
         dims = {n: self.bank(n).shape[1] for n in self.bank_names}

@@ -49,7 +49,7 @@ class CompReSS(DistillationModule):
             student_emb = self.projection(student_emb)
             loss = compress_loss(student_emb, teacher_emb, q.bank("teacher"), q.bank("teacher"),
                                  self.temperature, self.student_temperature)
-            q.enqueue(teacher=self.gather(l2n(teacher_emb)))
+            q.stage(teacher=self.gather(l2n(teacher_emb)))
         else:
             loss = compress_loss(student_emb, teacher_emb, q.bank("student"), q.bank("teacher"),
                                  self.temperature, self.student_temperature)
@@ -58,10 +58,11 @@ class CompReSS(DistillationModule):
                     keys = self.student_momentum(x)
             else:
                 keys = student_emb.detach()
-            q.enqueue(teacher=self.gather(l2n(teacher_emb)), student=self.gather(l2n(keys)))
+            q.stage(teacher=self.gather(l2n(teacher_emb)), student=self.gather(l2n(keys)))
         return loss, {"queue_filled": q.num_enqueued.clamp(max=q.size).float() / q.size}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)  # enqueue this step's keys
         # EMA once per optimiser step (correct under gradient accumulation)
         if self.student_momentum is not None and self.global_step > self._last_ema_step:
             ema_update(self.student_momentum, self.student, self.momentum)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..anchor_queue import AnchorQueue
 from ..schedule import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,12 @@ class DistillationModule(pl.LightningModule):
         for k, v in logs.items():
             self.log(f"train/{k}", v, on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # the step's backward is done: now the queues may be written (see AnchorQueue.stage)
+        for m in self.modules():
+            if isinstance(m, AnchorQueue):
+                m.flush()
 
     def on_train_epoch_start(self) -> None:
         self.teacher.eval()  # Lightning's model.train() must never put the teacher's BatchNorm in train mode

@@ -62,13 +62,14 @@ class MoCoV2(pl.LightningModule):
         with torch.no_grad():
             k = F.normalize(self.projector_momentum(self.backbone_momentum(x2)), dim=1)
         loss = info_nce(q, k, self.queue.bank("keys"), self.temperature)
-        self.queue.enqueue(keys=self.gather(k))
+        self.queue.stage(keys=self.gather(k))  # written after the backward pass
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at global step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x1.shape[0])
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.queue.flush()
         if self.global_step > self._last_ema_step:
             ema_update(self.backbone_momentum, self.backbone, self.momentum)
             ema_update(self.projector_momentum, self.projector, self.momentum)
