@@ -1,0 +1,135 @@
+"""The Lightning data module: train / val / train-eval loaders built from a :class:`~compress_lit.config.DataConfig`.
+
+* ``train_dataloader``: training augmentation (``MultiView`` of it when ``views > 1``), shuffled, ``drop_last``.
+* ``val_dataloader``: evaluation transform on the val split, in order.
+* ``train_eval_dataloader``: evaluation transform on the train split, in order (k-NN bank, feature caches).
+
+Under DDP Lightning replaces the samplers of the train/val loaders with a DistributedSampler itself.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from .datasets import DatasetError, load_splits, take_subset
+from .transforms import MultiView, eval_transform, train_transform
+
+
+class CompressDataModule(pl.LightningDataModule):
+    """Datasets and loaders for ``cfg`` (a ``DataConfig`` or the ``data`` node of a Hydra config).
+
+    ``setup`` loads the datasets once (later calls do nothing); the properties below call it when needed, so
+    ``num_classes`` etc. can be read before a Trainer exists. Every dataset yields ``(image, label, index)``.
+    """
+
+    def __init__(self, cfg: Any, views: int = 1):
+        super().__init__()
+        if views < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
+        self.cfg = cfg
+        self.views = int(views)
+        self._train = None  # training transform
+        self._train_eval = None  # evaluation transform on the train split
+        self._val = None
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self._train is not None:
+            return
+        cfg = self.cfg
+        train, val = load_splits(cfg)
+        train = take_subset(train, cfg.train_subset, cfg.split_seed, "data.train_subset")
+        val = take_subset(val, cfg.val_subset, cfg.split_seed, "data.val_subset")
+        augment = train_transform(cfg)
+        if self.views > 1:
+            augment = MultiView(augment, self.views)
+        evaluate = eval_transform(cfg)
+        self._train = train.with_transform(augment)
+        self._train_eval = train.with_transform(evaluate)
+        self._val = val.with_transform(evaluate)
+
+    # ------------------------------------------------------------------------------------------ properties
+    @property
+    def train_dataset(self):
+        """The train split with the training transform."""
+        self.setup()
+        return self._train
+
+    @property
+    def train_dataset_eval(self):
+        """The train split with the evaluation transform (same indices as ``train_dataset``)."""
+        self.setup()
+        return self._train_eval
+
+    @property
+    def val_dataset(self):
+        """The val split with the evaluation transform."""
+        self.setup()
+        return self._val
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.train_dataset.classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_dataset)
+
+    @property
+    def num_val(self) -> int:
+        return len(self.val_dataset)
+
+    # ----------------------------------------------------------------------------------------- dataloaders
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+
+    def _pin_memory(self) -> bool:
+        if not torch.cuda.is_available():
+            return False
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return True
+        from pytorch_lightning.accelerators import CUDAAccelerator
+
+        return isinstance(trainer.accelerator, CUDAAccelerator)
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool, persistent: bool) -> DataLoader:
+        workers = int(self.cfg.num_workers)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=workers, persistent_workers=persistent and workers > 0,
+                          pin_memory=self._pin_memory())
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.train_dataset
+        batch_size = int(self.cfg.batch_size)
+        per_rank = math.ceil(len(dataset) / self._world_size())
+        if batch_size > per_rank:
+            where = f" per process ({self._world_size()} processes)" if self._world_size() > 1 else ""
+            raise DatasetError(f"data.batch_size={batch_size} is larger than the {per_rank} training samples"
+                               f"{where} of data.name={self.cfg.name}: with drop_last=True no batch would be "
+                               f"produced; lower data.batch_size or enlarge data.train_subset")
+        return self._loader(dataset, batch_size, shuffle=True, drop_last=True, persistent=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, int(self.cfg.eval_batch_size), shuffle=False, drop_last=False,
+                            persistent=True)
+
+    def train_eval_dataloader(self) -> DataLoader:
+        """The train split with the evaluation transform, in order. Built anew on each call (its workers are
+        not persistent), as it is typically used once per evaluation."""
+        return self._loader(self.train_dataset_eval, int(self.cfg.eval_batch_size), shuffle=False,
+                            drop_last=False, persistent=False)
+
+
+def build_datamodule(cfg: Any, views: int = 1) -> CompressDataModule:
+    """A :class:`CompressDataModule` for the data config ``cfg``; ``views > 1`` gives MultiView training batches."""
+    return CompressDataModule(cfg, views=views)
