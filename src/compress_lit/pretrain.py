@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import hydra
@@ -19,7 +20,8 @@ from .config import register_configs, validate_pretrain
 from .data import build_datamodule
 from .loggers import build_logger
 from .methods import MoCoV2
-from .train import CONF_DIR, build_student, build_trainer, evaluate_embeddings, format_table
+from .train import (CONF_DIR, USER_ERRORS, build_student, build_trainer, evaluate_embeddings, format_table,
+                    quiet_known_noise)
 
 log = logging.getLogger("compress_lit.pretrain")
 register_configs()
@@ -58,8 +60,11 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 @hydra.main(config_path=CONF_DIR, config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO)
-    run_pretrain(cfg, HydraConfig.get().runtime.output_dir)
+    quiet_known_noise()
+    try:
+        run_pretrain(cfg, HydraConfig.get().runtime.output_dir)
+    except USER_ERRORS as e:
+        sys.exit(f"compress_lit.pretrain: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -20,18 +20,27 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import register_configs, validate_train
-from .data import build_datamodule
+from .config import ConfigError, register_configs, validate_train
+from .data import DatasetError, build_datamodule
 from .evaluation import extract_features, knn_accuracy, save_features
 from .loggers import build_logger
 from .methods import CompReSS
 from .models import build_backbone
 from .resume import resolve_resume
-from .teacher import build_teacher
+from .teacher import TeacherLoadError, build_teacher
 
 log = logging.getLogger("compress_lit.train")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 register_configs()
+# errors whose message is written for the user: shown without a traceback by the entry points
+USER_ERRORS = (ConfigError, DatasetError, TeacherLoadError)
+
+
+def quiet_known_noise() -> None:
+    # the frozen teacher is in eval mode on purpose (Lightning warns about any eval-mode module at fit start)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def build_student(scfg, num_classes: int | None = None) -> torch.nn.Module:
@@ -138,8 +147,11 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO)
-    run_train(cfg, HydraConfig.get().runtime.output_dir)
+    quiet_known_noise()
+    try:
+        run_train(cfg, HydraConfig.get().runtime.output_dir)
+    except USER_ERRORS as e:
+        sys.exit(f"compress_lit.train: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+"""Config composition and start-up validation: bad values fail naming the key, before any work starts."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from compress_lit.config import ConfigError, register_configs, validate_pretrain, validate_train
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+register_configs()
+
+
+def train_cfg(*overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_embedded_default_composes_and_validates():
+    cfg = train_cfg()
+    validate_train(cfg)
+    assert cfg.data.name == "digits" and cfg.teacher.name == "demo" and cfg.method.name == "compress_2q"
+    assert cfg.method.queue_size == 1024  # the digits preset's queue, smaller than its 1,437 images
+
+
+def test_paper_setting_composes_with_paper_hyperparameters():
+    cfg = train_cfg("teacher=resnet50x4", "student=alexnet", "data=imagenet", "data.root=/data/imagenet",
+                    "teacher.checkpoint=/ckpt/r50x4.pth")
+    validate_train(cfg)
+    assert (cfg.teacher.arch, cfg.teacher.format, cfg.student.arch) == ("resnet50x4", "simclr_tf", "alexnet")
+    m, o, d = cfg.method, cfg.optim, cfg.data
+    assert (m.queue_size, m.temperature, m.momentum, m.use_momentum_encoder) == (128_000, 0.04, 0.999, True)
+    assert (o.lr, o.momentum, o.weight_decay, o.epochs, list(o.milestones), o.gamma) == (0.01, 0.9, 1e-4, 130, [90, 120], 0.2)
+    assert (d.batch_size, d.image_size, d.resize_size, d.hflip) == (256, 224, 256, True)
+
+
+@pytest.mark.parametrize("method", ["compress_2q", "compress_2q_nomomentum", "compress_1q"])
+def test_every_method_validates(method):
+    validate_train(train_cfg(f"method={method}"))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("method.queue_size=0", "method.queue_size"),
+    ("method.queue_size=-5", "method.queue_size"),
+    ("method.temperature=0", "method.temperature"),
+    ("method.temperature=-0.1", "method.temperature"),
+    ("method.momentum=1.0", "method.momentum"),
+    ("optim.lr=0", "optim.lr"),
+    ("optim.epochs=0", "optim.epochs"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("data.crop_scale=[0.9,0.1]", "data.crop_scale"),
+    ("optim.scheduler=linear", "optim.scheduler"),
+    ("student.arch=vgg16", "student.arch"),
+    ("teacher.format=tf_hub", "teacher.format"),
+    ("logger.mode=sometimes", "logger.mode"),
+    ("optim.milestones=[120,90]", "optim.milestones"),
+    ("method.one_queue=true", "method.one_queue"),
+])
+def test_bad_values_fail_naming_the_key(override, key):
+    cfg = train_cfg(override)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_train(cfg)
+
+
+def test_missing_teacher_checkpoint_is_named():
+    cfg = train_cfg("teacher=mocov2_resnet50", "teacher.checkpoint=null")
+    with pytest.raises(ConfigError, match="teacher.checkpoint"):
+        validate_train(cfg)
+
+
+def test_wrong_type_fails_at_composition_naming_the_key():
+    with pytest.raises(ConfigCompositionException) as e:
+        train_cfg("method.queue_size=lots")
+    assert "queue_size" in str(e.value.__cause__) or "queue_size" in str(e.value)
+
+
+def test_typo_in_a_key_fails_struct_mode():
+    with pytest.raises(ConfigCompositionException) as e:
+        train_cfg("method.temprature=0.1")
+    assert "temprature" in str(e.value)
+
+
+def test_unknown_group_option_fails():
+    with pytest.raises(MissingConfigException) as e:
+        train_cfg("student=vgg")
+    assert "vgg" in str(e.value)
+
+
+def test_struct_mode_is_on_at_run_time():
+    cfg = train_cfg()
+    with pytest.raises((ConfigAttributeError, ConfigKeyError)):
+        cfg.method.temprature = 1.0
+    with pytest.raises(ValidationError):
+        cfg.method.queue_size = "big"
+
+
+def test_pretrain_config_composes():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="pretrain", overrides=["experiment=demo_teacher"])
+    validate_pretrain(cfg)
+    assert cfg.student.arch == "resnet18" and cfg.student.width_multiplier == 0.5
+    assert cfg.method.temperature == 0.2
