@@ -22,7 +22,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) -m pytest -q benchmarks 2>/dev/null || true
+	@set -e; for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f; done
 
 clean:
 	rm -rf outputs multirun .cache .pytest_cache

@@ -1,36 +1,221 @@
-"""Feature extraction shared by every evaluation: frozen model, eval mode, no augmentation, in dataset order."""
+"""Feature extraction shared by every evaluation.
+
+* the model is frozen: every module is put in eval mode for the pass (and restored exactly afterwards, module by
+  module), gradients are off;
+* any layer: ``layer=None`` is the model's embedding (``forward``); otherwise ``forward_features(x, (layer,))``
+  (AlexNet ``conv1``..``fc7``, ResNet ``stem``/``layer1``..``layer4``/``pool``, MobileNet ``features``/``pool``);
+  spatial maps ``N x C x H x W`` are global-average-pooled, anything else is flattened to ``N x D``;
+* batched over a loader yielding ``(x, y, index)``; results are returned in dataset order (sorted by ``index``);
+* DDP: each process extracts its shard and passes it through ``gather`` (a callable concatenating a tensor over
+  processes along dim 0, e.g. :func:`distributed_gather`); :func:`merge_shards` then sorts by index and drops the
+  duplicates a ``DistributedSampler`` pads with;
+* optional on-disk cache (:class:`FeatureCache`) keyed by (checkpoint, layer, split, transform, …) so that a second
+  evaluation of the same model does not run it again.
+"""
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+Gather = Callable[[torch.Tensor], torch.Tensor]
 
+
+# ------------------------------------------------------------------------------------------------- eval mode
+@contextlib.contextmanager
+def frozen_eval(model: Any) -> Iterator[None]:
+    """Every submodule in eval mode inside the block; each module's own ``training`` flag restored after."""
+    if not isinstance(model, nn.Module):
+        owner = getattr(model, "__self__", None)  # a bound method such as module.forward
+        if isinstance(owner, nn.Module):
+            model = owner
+        else:
+            yield
+            return
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def pool_features(t: torch.Tensor) -> torch.Tensor:
+    """``N x C x H x W`` -> global average pool -> ``N x C``; ``N x D`` unchanged; other shapes flattened."""
+    if t.ndim == 4:
+        return F.adaptive_avg_pool2d(t, 1).flatten(1)
+    return t.flatten(1) if t.ndim != 2 else t
+
+
+def layer_fn(model: Any, layer: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function mapping a batch to ``N x D`` features of ``layer`` (``None``: the embedding, ``forward``)."""
+    if layer is None:
+        return lambda x: pool_features(model(x))
+    names = tuple(getattr(model, "layer_names", ()))
+    if not hasattr(model, "forward_features"):
+        raise ValueError(f"layer={layer!r} requested but {type(model).__name__} has no forward_features")
+    if names and layer not in names:
+        raise ValueError(f"unknown layer {layer!r} for {type(model).__name__}; choose one of {list(names)}")
+    return lambda x: pool_features(model.forward_features(x, (layer,))[layer])
+
+
+# ---------------------------------------------------------------------------------------------- DDP helpers
+def merge_shards(feats: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort gathered rows by dataset index and keep one row per index (DistributedSampler pads by repeating)."""
+    indices = torch.as_tensor(indices).long().reshape(-1)
+    order = torch.argsort(indices, stable=True)
+    idx_sorted = indices[order]
+    keep = torch.ones_like(idx_sorted, dtype=torch.bool)
+    keep[1:] = idx_sorted[1:] != idx_sorted[:-1]
+    order = order[keep]
+    return feats[order], torch.as_tensor(labels)[order]
+
+
+def distributed_gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` over all processes of the default ``torch.distributed`` group along dim 0.
+
+    Shards may differ in length (padded to the largest for ``all_gather``, then trimmed). Without an initialised
+    process group it returns ``t``.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    world = dist.get_world_size()
+    device = t.device
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = t.to(device)
+    n = torch.tensor([t.shape[0]], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    biggest = max(sizes)
+    pad = torch.zeros((biggest - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=device)
+    padded = torch.cat([t, pad])
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).cpu()
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+def describe_loader(loader) -> dict[str, Any]:
+    """What, besides the model, determines the features of ``loader``: its dataset's transform and size."""
+    ds = getattr(loader, "dataset", None)
+    base = ds
+    while base is not None and not hasattr(base, "transform") and hasattr(base, "dataset"):
+        base = base.dataset  # torch Subset
+    return {"transform": repr(getattr(base, "transform", None)), "n": len(ds) if ds is not None else None,
+            "dataset": type(base).__name__ if base is not None else None}
+
+
+def checkpoint_identity(path: str | os.PathLike | None) -> str:
+    """A checkpoint's identity for cache keys: resolved path + size + modification time (a rewritten file, a
+    new key). A string that is not a file is used as given (e.g. ``"random:resnet18:seed0"``)."""
+    if path is None:
+        return "none"
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_file():
+        st = p.stat()
+        return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return str(path)
+
+
+def feature_cache_key(checkpoint: str | os.PathLike | None, layer: Optional[str], split: str,
+                      transform: Any = None, **extra: Any) -> str:
+    """A hex key for (checkpoint, layer, split, transform[, extra…]); any change gives a different key."""
+    payload = {"checkpoint": checkpoint_identity(checkpoint), "layer": layer or "embedding", "split": split,
+               "transform": transform if isinstance(transform, (str, type(None))) else repr(transform),
+               **{k: extra[k] for k in sorted(extra)}}
+    blob = json.dumps(payload, sort_keys=True, default=repr)
+    return hashlib.sha1(blob.encode()).hexdigest()[:24]
+
+
+class FeatureCache:
+    """Features on disk under ``root/<key>.pt`` (``{'feats', 'labels', 'meta'}``), written atomically."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(os.path.expanduser(str(root)))
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.pt"
+
+    def load(self, key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        try:
+            blob = torch.load(p, map_location="cpu", weights_only=True)
+            return blob["feats"], blob["labels"]
+        except Exception:  # a truncated or foreign file: recompute
+            return None
+
+    def save(self, key: str, feats: torch.Tensor, labels: torch.Tensor, meta: Mapping[str, Any] | None = None):
+        self.root.mkdir(parents=True, exist_ok=True)
+        p = self.path(key)
+        tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+        torch.save({"feats": feats.contiguous(), "labels": labels.contiguous(), "meta": dict(meta or {})}, tmp)
+        os.replace(tmp, p)
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+# --------------------------------------------------------------------------------------------- extraction
 @torch.no_grad()
 def extract_features(model: nn.Module | Callable, loader, device: str | torch.device = "cpu",
-                     progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model`` over ``loader`` (yielding ``(x, y, index)``) and return (features, labels) in index order."""
-    was_training = getattr(model, "training", False)
-    if isinstance(model, nn.Module):
-        model.eval()
+                     progress: bool = False, *, layer: Optional[str] = None, gather: Optional[Gather] = None,
+                     cache: FeatureCache | str | os.PathLike | None = None, cache_key: Optional[str] = None,
+                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the frozen ``model`` over ``loader`` (yielding ``(x, y, index)``); return ``(features, labels)`` in
+    dataset-index order, features ``N x D`` float32 on the CPU.
+
+    ``layer``: ``None`` for the embedding, else a name of ``model.layer_names`` (spatial maps are average-pooled).
+    ``gather``: under DDP, a callable concatenating a tensor over processes (each process runs its shard).
+    ``cache`` + ``cache_key`` (see :func:`feature_cache_key`): reuse features saved by an earlier call; the model is
+    not run at all on a hit. Only rank 0 writes the cache.
+    """
+    if cache is not None and not isinstance(cache, FeatureCache):
+        cache = FeatureCache(cache)
+    if cache is not None and cache_key is not None:
+        hit = cache.load(cache_key)
+        if hit is not None:
+            return hit
+    fn = layer_fn(model, layer)
     feats, labels, indices = [], [], []
     it = loader
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(loader, desc="features", leave=False)
-    try:
+        it = tqdm(loader, desc=desc, leave=False)
+    with frozen_eval(model):
         for x, y, idx in it:
-            feats.append(model(x.to(device)).float().cpu())
+            feats.append(fn(x.to(device, non_blocking=True)).float().cpu())
             labels.append(torch.as_tensor(y))
             indices.append(torch.as_tensor(idx))
-    finally:
-        if isinstance(model, nn.Module):
-            model.train(was_training)
-    order = torch.argsort(torch.cat(indices))
-    return torch.cat(feats)[order], torch.cat(labels)[order]
+    f = torch.cat(feats) if feats else torch.zeros(0, 0)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    i = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
+    if gather is not None:
+        f, y, i = gather(f), gather(y), gather(i)
+    f, y = merge_shards(f, y, i)
+    if cache is not None and cache_key is not None and _is_rank_zero():
+        cache.save(cache_key, f, y, {"layer": layer, **describe_loader(loader)})
+    return f, y
 
 
 def save_features(path, train_x, train_y, test_x, test_y) -> None:

@@ -1,0 +1,198 @@
+"""`python -m compress_lit.evaluate checkpoint=...`: the paper's evaluations of any checkpoint.
+
+``eval=[knn,cluster,linear]`` (default; ``voc`` adds VOC07 transfer classification with ``voc.root=``). A
+distillation (or MoCo pretraining) checkpoint of this project records its student's architecture and its training
+data, so ``checkpoint=`` alone suffices; a teacher file needs ``model_format=<moco|swav|simclr_tf|
+simclr_converted|torchvision|compress_lit|random> model.arch=... [model.small_input=true ...] data=<preset>``.
+``layer=`` picks another layer (AlexNet conv1..fc7, ResNet stem/layer1..4/pool; spatial maps are average-pooled).
+
+Writes ``results.json``, ``results.md`` and ``features.npz`` (train_x, train_y, test_x, test_y) to the Hydra run
+directory (plus the cluster pictures), and prints the results table. Features are cached under ``cache_dir``
+keyed by (checkpoint, layer, split, transform, data config), so evaluating the same model again skips the model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .evaluation.settings import EVALUATIONS, MODEL_FORMATS, register_eval_configs
+
+log = logging.getLogger("compress_lit.evaluate")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+register_eval_configs()
+
+
+def _check(cfg: DictConfig) -> None:
+    if cfg.model_format not in MODEL_FORMATS:
+        raise ValueError(f"model_format={cfg.model_format!r} is invalid: choose one of {list(MODEL_FORMATS)}")
+    bad = [e for e in cfg.eval if e not in EVALUATIONS]
+    if bad:
+        raise ValueError(f"eval={list(cfg.eval)} has unknown entries {bad}: choose from {list(EVALUATIONS)}")
+    if "voc" in cfg.eval and not cfg.voc.root:
+        raise ValueError("eval includes voc: set voc.root=<folder holding VOCdevkit/VOC2007>")
+    if cfg.linear.mode not in ("full", "features"):
+        raise ValueError(f"linear.mode={cfg.linear.mode!r} is invalid: choose full or features")
+
+
+def extract_split_features(loaded, dm, data_cfg, layer, device, cache, progress):
+    """(train_x, train_y, test_x, test_y) of the centre-crop train split and the val split, cached."""
+    from .evaluation.features import describe_loader, extract_features, feature_cache_key
+
+    data_key = json.dumps(OmegaConf.to_container(data_cfg, resolve=True), sort_keys=True)
+    out = []
+    for split, loader in (("train", dm.train_eval_dataloader()), ("val", dm.val_dataloader())):
+        key = (feature_cache_key(loaded.identity, loaded.layer_name(layer), split, data=data_key,
+                                 **describe_loader(loader)) if cache is not None else None)
+        out.extend(extract_features(loaded.model, loader, device, progress, layer=layer, cache=cache, cache_key=key,
+                                    desc=f"{split} features"))
+    return out
+
+
+def results_markdown(results: dict[str, Any], header: str = "") -> str:
+    rows = []
+    if "knn" in results:
+        for key, v in results["knn"].items():
+            top, k = key.split("_k")
+            rows.append(("k-NN", f"{top.replace('top', 'top-')} (k={k})", f"{v:.2f}"))
+    if "cluster" in results:
+        c = results["cluster"]
+        n = len(c["seeds"])
+        rows.append(("cluster alignment", f"accuracy (k={c['k']}, {n} seeds)",
+                     f"{c['acc_mean']:.2f} ± {c['acc_std']:.2f}"))
+        rows.append(("cluster alignment", "NMI (val)", f"{c['nmi_mean']:.4f} ± {c['nmi_std']:.4f}"))
+        rows.append(("cluster alignment", "ARI (val)", f"{c['ari_mean']:.4f} ± {c['ari_std']:.4f}"))
+    if "linear" in results:
+        li = results["linear"]
+        rows.append(("linear", f"top-1 (final epoch {li['epochs']})", f"{li['top1']:.2f}"))
+        if "top5" in li:
+            rows.append(("linear", "top-5 (final epoch)", f"{li['top5']:.2f}"))
+        best = li.get("best (not the reported number)")
+        if best:
+            rows.append(("linear", f"best (not the reported number), epoch {best['epoch']}", f"{best['top1']:.2f}"))
+    if "voc" in results:
+        rows.append(("VOC07 classification", f"mAP ({results['voc']['ap_kind']} AP, %)", f"{results['voc']['mAP']:.2f}"))
+    w = [max(len(r[i]) for r in rows + [("evaluation", "metric", "value")]) for i in range(3)]
+    lines = [header] if header else []
+    lines.append(f"| {'evaluation':<{w[0]}} | {'metric':<{w[1]}} | {'value':>{w[2]}} |")
+    lines.append(f"|{'-' * (w[0] + 2)}|{'-' * (w[1] + 2)}|{'-' * (w[2] + 1)}:|")
+    lines += [f"| {a:<{w[0]}} | {b:<{w[1]}} | {c:>{w[2]}} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def run_evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Run the evaluations of ``cfg`` (an ``EvaluateConfig``); write the outputs to ``out_dir``; return results."""
+    from .data import build_datamodule
+    from .evaluation.features import FeatureCache, save_features
+    from .evaluation.loading import denormalizer, load_model, resolve_data_config, resolve_device
+
+    _check(cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+    loaded = load_model(cfg.checkpoint, cfg.model_format, cfg.model)
+    data_cfg = resolve_data_config(loaded.data, cfg.data)
+    device = resolve_device(cfg.device)
+    loaded.model.to(device)
+    layer = cfg.layer or None
+    cache = FeatureCache(cfg.cache_dir) if (cfg.cache and cfg.model_format != "random") else None
+    results: dict[str, Any] = {"checkpoint": str(cfg.checkpoint), "model_format": cfg.model_format,
+                               "arch": loaded.arch, "layer": loaded.layer_name(layer), "data": data_cfg.name}
+    if any(e in cfg.eval for e in ("knn", "cluster", "linear")):
+        dm = build_datamodule(data_cfg)
+        dm.setup("fit")
+        t0 = time.perf_counter()
+        train_x, train_y, test_x, test_y = extract_split_features(loaded, dm, data_cfg, layer, device, cache,
+                                                                  cfg.progress)
+        results.update({"num_train": int(len(train_y)), "num_val": int(len(test_y)),
+                        "num_classes": int(dm.num_classes), "feature_dim": int(train_x.shape[1]),
+                        "feature_seconds": round(time.perf_counter() - t0, 3)})
+        if cfg.save_features:
+            save_features(out_dir / "features.npz", train_x.numpy(), train_y.numpy(), test_x.numpy(),
+                          test_y.numpy())
+
+    if "knn" in cfg.eval:
+        from .evaluation.knn import knn_evaluate
+
+        results["knn"] = knn_evaluate(train_x, train_y, test_x, test_y, ks=list(cfg.knn.k),
+                                      num_classes=dm.num_classes, weighting=cfg.knn.weighting,
+                                      temperature=cfg.knn.temperature, backend=cfg.knn.backend, device=device)
+    if "cluster" in cfg.eval:
+        from .evaluation.cluster import cluster_alignment, plot_cluster_grid, plot_confusion
+
+        c = cfg.cluster
+        res = cluster_alignment(train_x, train_y, test_x, test_y, num_classes=dm.num_classes, k=c.k, niter=c.niter,
+                                seeds=c.seeds, normalize=c.normalize)
+        results["cluster"] = res.summary()
+        if c.pictures:
+            grid = plot_cluster_grid(out_dir / "cluster_grid.png", res.val_clusters, res.mapping, dm.class_names,
+                                     dataset=dm.val_dataset, denormalize=denormalizer(data_cfg.mean, data_cfg.std),
+                                     rows=c.rows, cols=c.cols, seed=c.picture_seed)
+            conf = plot_confusion(out_dir / "cluster_confusion.png", res.val_clusters, test_y.numpy(), res.mapping,
+                                  dm.class_names, k=res.k)
+            results["cluster"]["pictures"] = {"grid": Path(grid["path"]).name, "confusion": Path(conf["path"]).name,
+                                              "grid_clusters": grid["clusters"], "grid_labels": grid["labels"]}
+    if "linear" in cfg.eval:
+        from .evaluation.linear import linear_probe_on_features, run_linear_probe
+
+        lcfg = OmegaConf.to_object(cfg.linear)
+        if lcfg.mode == "features":
+            res = linear_probe_on_features(train_x, train_y, test_x, test_y, dm.num_classes, lcfg, device=device)
+            res = {k: v for k, v in res.items() if k not in ("mean", "std", "head")}
+            res["protocol"] = "features (precomputed centre-crop features, no augmentation)"
+        else:
+            res = run_linear_probe(loaded.model, data_cfg, lcfg, layer=layer, train_feats=train_x,
+                                   trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True), device=device,
+                                   progress=cfg.progress, default_root_dir=str(out_dir / "linear"))
+            res["protocol"] = "full (frozen backbone, RandomResizedCrop + flip, centre-crop val)"
+        results["linear"] = res
+    if "voc" in cfg.eval:
+        from .evaluation.voc import evaluate_voc07
+
+        v = cfg.voc
+        results["voc"] = evaluate_voc07(loaded.model, v.root, device, layer=layer,
+                                        image_size=v.image_size or data_cfg.image_size,
+                                        resize_size=v.resize_size or data_cfg.resize_size, mean=data_cfg.mean,
+                                        std=data_cfg.std, batch_size=data_cfg.eval_batch_size,
+                                        num_workers=data_cfg.num_workers, costs=list(v.costs), ap=v.ap,
+                                        normalize=v.normalize, cache=cache, cache_identity=loaded.identity,
+                                        progress=cfg.progress)
+
+    header = f"## {loaded.name} ({loaded.arch}, layer {results['layer']})"
+    if "num_train" in results:
+        header += (f" on {data_cfg.name}: {results['num_train']} train / {results['num_val']} val, "
+                   f"{results['num_classes']} classes")
+    header += "\n"
+    table = results_markdown(results, header)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    (out_dir / "results.md").write_text(table + "\n")
+    print("\n" + table + "\n", flush=True)
+    return results
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO)
+    run_evaluate(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()
