@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 TINY = ["data.train_subset=256", "data.val_subset=128", "data.batch_size=64", "method.queue_size=128",
-        "optim.epochs=1", "eval.knn_k=[1]", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+        "optim.epochs=1", "eval.knn_k=[1]", "eval.cluster_seeds=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 TEACHER_ARGS = ["experiment=demo_teacher", "optim.epochs=1", "data.train_subset=256", "data.batch_size=64",
                 "method.queue_size=128", "student.width_multiplier=0.25", "trainer.enable_progress_bar=false",
                 "eval.at_end=false"]
@@ -32,7 +32,8 @@ def test_train_builds_the_demo_teacher_then_reuses_it(tmp_path):
     assert teacher_ckpt.exists()
     results = json.loads((tmp_path / "run1" / "results.json").read_text())
     assert set(results) == {"teacher (demo)", "student (compress_2q)", "student, random init"}
-    assert all(0 <= row["1-NN"] <= 100 for row in results.values())
+    assert all(set(row) == {"1-NN", "cluster", "cluster_std", "linear"} for row in results.values())
+    assert all(0 <= row[m] <= 100 for row in results.values() for m in ("1-NN", "cluster", "linear"))
     assert "1-NN" in first.stdout and "student (compress_2q)" in first.stdout
     ckpt = torch.load(tmp_path / "run1" / "checkpoints" / "last.ckpt", weights_only=False)
     assert "queues.bank_teacher" in ckpt["state_dict"] and "student_momentum.conv1.weight" in ckpt["state_dict"]

@@ -103,6 +103,8 @@ class EvalConfig:
     knn_k: list[int] = field(default_factory=lambda: [1, 20])
     at_end: bool = True  # evaluate student and teacher (and the random-init student) after training
     random_baseline: bool = True
+    cluster_seeds: int = 5  # cluster alignment repeated over this many k-means seeds (0: skip)
+    linear: bool = True  # linear probe on precomputed features (the fast path; `compress_lit.linear` for the full one)
     save_features: bool = False  # write features.npz (train_x, train_y, test_x, test_y) per model
 
 
@@ -130,6 +132,7 @@ class PretrainMethodConfig:
     momentum: float = 0.99
     proj_hidden_dim: int = 512
     proj_dim: int = 128
+    bn_splits: int = 1  # >1: shuffled split BatchNorm on one device (see methods/moco.py)
 
 
 @dataclass
@@ -217,6 +220,9 @@ def validate_train(cfg: DictConfig) -> None:
 def validate_pretrain(cfg: DictConfig) -> None:
     _validate_common(cfg)
     _positive(cfg, "method.queue_size")
+    _positive(cfg, "method.bn_splits")
+    if cfg.data.batch_size % cfg.method.bn_splits:
+        raise ConfigError(f"method.bn_splits={cfg.method.bn_splits} must divide data.batch_size={cfg.data.batch_size}")
     _positive(cfg, "method.temperature")
     if not 0 <= cfg.method.momentum < 1:
         raise ConfigError(f"method.momentum={cfg.method.momentum} is invalid: need 0 <= m < 1")

@@ -20,8 +20,8 @@ from .config import register_configs, validate_pretrain
 from .data import build_datamodule
 from .loggers import build_logger
 from .methods import MoCoV2
-from .train import (CONF_DIR, USER_ERRORS, build_student, build_trainer, evaluate_embeddings, format_table,
-                    quiet_known_noise)
+from .evaluation.suite import evaluate_models, format_table
+from .train import CONF_DIR, USER_ERRORS, build_student, build_trainer, quiet_known_noise
 
 log = logging.getLogger("compress_lit.pretrain")
 register_configs()
@@ -36,7 +36,7 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
     backbone = build_student(cfg.student)
     m = cfg.method
     module = MoCoV2(backbone, cfg.optim, queue_size=m.queue_size, temperature=m.temperature, momentum=m.momentum,
-                    proj_hidden_dim=m.proj_hidden_dim, proj_dim=m.proj_dim,
+                    proj_hidden_dim=m.proj_hidden_dim, proj_dim=m.proj_dim, bn_splits=m.bn_splits,
                     config=OmegaConf.to_container(cfg, resolve=True))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     logger = build_logger(cfg.logger, run_dir, cfg.run_name, resolved)
@@ -52,9 +52,10 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
         log.info("pretrained checkpoint written to %s", out)
     results = {}
     if cfg.eval.at_end and trainer.is_global_zero:
-        results = evaluate_embeddings({f"{cfg.student.name} (MoCo v2)": module.backbone}, dm, list(cfg.eval.knn_k),
-                                      module.device)
-        print(f"\nk-NN top-1 (%) on the held-out {cfg.data.name} split\n{format_table(results)}\n", flush=True)
+        results = evaluate_models({f"{cfg.student.name} (MoCo v2)": module.backbone}, dm, list(cfg.eval.knn_k),
+                                  module.device, cfg.eval.cluster_seeds, cfg.eval.linear)
+        print(f"\nTop-1 (%) on the held-out {cfg.data.name} split\n{format_table(results, cfg.eval.cluster_seeds)}\n",
+              flush=True)
     return results
 
 

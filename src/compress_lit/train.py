@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, register_configs, validate_train
 from .data import DatasetError, build_datamodule
-from .evaluation import extract_features, knn_accuracy, save_features
+from .evaluation.suite import evaluate_models, format_table
 from .loggers import build_logger
 from .methods import CompReSS
 from .models import build_backbone
@@ -86,28 +86,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()) -> pl.Tr
         raise ValueError(f"invalid trainer.* setting: {e}") from e
 
 
-def evaluate_embeddings(models: dict, dm, ks, device, out_dir: Path | None = None) -> dict[str, dict[str, float]]:
-    """k-NN top-1 (%) on the held-out split for each named embedding function, banked on the train split."""
-    results = {}
-    for name, model in models.items():
-        tr_x, tr_y = extract_features(model, dm.train_eval_dataloader(), device)
-        te_x, te_y = extract_features(model, dm.val_dataloader(), device)
-        results[name] = {f"{k}-NN": knn_accuracy(tr_x, tr_y, te_x, te_y, k=k, num_classes=dm.num_classes)
-                         for k in ks}
-        if out_dir is not None:
-            save_features(out_dir / f"features_{name.split(' ')[0]}.npz", tr_x, tr_y, te_x, te_y)
-    return results
-
-
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    cols = list(next(iter(results.values())))
-    width = max(len(n) for n in results) + 2
-    lines = ["".join([f"{'model':<{width}}", *[f"{c:>9}" for c in cols]])]
-    for name, row in results.items():
-        lines.append("".join([f"{name:<{width}}", *[f"{row[c]:>9.2f}" for c in cols]]))
-    return "\n".join(lines)
-
-
 def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     validate_train(cfg)
@@ -134,11 +112,11 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
                   f"student ({cfg.method.name})": module.student}
         if init_student is not None:
             models["student, random init"] = init_student.to(device)
-        results = evaluate_embeddings(models, dm, list(cfg.eval.knn_k), device,
-                                      run_dir if cfg.eval.save_features else None)
-        table = format_table(results)
-        print(f"\nk-NN top-1 (%) on the held-out {cfg.data.name} split "
-              f"({dm.num_val} images; bank: {dm.num_train} train images)\n{table}\n", flush=True)
+        results = evaluate_models(models, dm, list(cfg.eval.knn_k), device, cfg.eval.cluster_seeds,
+                                  cfg.eval.linear, run_dir if cfg.eval.save_features else None)
+        print(f"\nTop-1 (%) on the held-out {cfg.data.name} split ({dm.num_val} images; k-NN bank, k-means and "
+              f"linear probe on the {dm.num_train} train images)\n{format_table(results, cfg.eval.cluster_seeds)}\n",
+              flush=True)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         if logger:
             trainer.logger.log_metrics({f"eval/{m}/{k}": v for m, row in results.items() for k, v in row.items()})

@@ -1,7 +1,13 @@
 """MoCo v2 pretraining: the demo's teacher, and the "MoCo from scratch" baseline on the student architecture.
 
 Query encoder = backbone + MLP projector; key encoder = EMA copy of both; InfoNCE of each query against its
-key (positive) and a queue of past keys (negatives), temperature 0.2 by default. The backbone is stored under
+key (positive) and a queue of past keys (negatives), temperature 0.2 by default.
+
+BatchNorm lets a contrastive model "cheat": keys of the current batch share batch statistics with their queries,
+keys in the queue do not, so the positive can be told apart by its statistics rather than its content. MoCo
+counters this with shuffling BN across GPUs; ``bn_splits > 1`` does the same on one device: queries are encoded in
+``bn_splits`` groups of consecutive samples and keys in ``bn_splits`` groups of a random permutation, so a query
+and its key never share their BatchNorm statistics by construction. Under DDP leave it at 1 or combine freely. The backbone is stored under
 ``backbone.`` in checkpoints, which is what the teacher loader's ``compress_lit`` format reads.
 """
 from __future__ import annotations
@@ -32,7 +38,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperat
 class MoCoV2(pl.LightningModule):
     def __init__(self, backbone: nn.Module, optim, *, queue_size: int = 4096, temperature: float = 0.2,
                  momentum: float = 0.99, proj_hidden_dim: int = 512, proj_dim: int = 128,
-                 config: dict | None = None):
+                 bn_splits: int = 1, config: dict | None = None):
         super().__init__()
         self.save_hyperparameters({"config": config or {}})
         self.backbone = backbone
@@ -44,6 +50,7 @@ class MoCoV2(pl.LightningModule):
             self.queue.bank("keys").copy_(F.normalize(torch.randn(queue_size, proj_dim), dim=1))
         self.temperature = temperature
         self.momentum = momentum
+        self.bn_splits = bn_splits
         self.optim_cfg = optim
         self._last_ema_step = -1
 
@@ -56,11 +63,22 @@ class MoCoV2(pl.LightningModule):
             return t
         return self.all_gather(t.contiguous()).flatten(0, 1)
 
+    def encode_query(self, x: torch.Tensor) -> torch.Tensor:
+        chunks = x.chunk(self.bn_splits) if self.bn_splits > 1 else (x,)
+        return F.normalize(torch.cat([self.projector(self.backbone(c)) for c in chunks]), dim=1)
+
+    @torch.no_grad()
+    def encode_key(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn_splits <= 1:
+            return F.normalize(self.projector_momentum(self.backbone_momentum(x)), dim=1)
+        perm = torch.randperm(x.shape[0], device=x.device)
+        k = torch.cat([self.projector_momentum(self.backbone_momentum(c)) for c in x[perm].chunk(self.bn_splits)])
+        return F.normalize(k[torch.argsort(perm)], dim=1)
+
     def training_step(self, batch, batch_idx):
         (x1, x2), _, _ = batch
-        q = F.normalize(self.projector(self.backbone(x1)), dim=1)
-        with torch.no_grad():
-            k = F.normalize(self.projector_momentum(self.backbone_momentum(x2)), dim=1)
+        q = self.encode_query(x1)
+        k = self.encode_key(x2)
         loss = info_nce(q, k, self.queue.bank("keys"), self.temperature)
         self.queue.stage(keys=self.gather(k))  # written after the backward pass
         if not torch.isfinite(loss):
