@@ -40,11 +40,15 @@ def test_train_builds_the_demo_teacher_then_reuses_it(tmp_path):
     assert ckpt["hyper_parameters"]["config"]["method"]["queue_size"] == 128
 
     mtime = teacher_ckpt.stat().st_mtime
-    second = run("compress_lit.train", [*args, "method=compress_1q", f"hydra.run.dir={tmp_path}/run2"], tmp_path, cache)
+    second = run("compress_lit.train", [*args, "method=compress_1q", "eval.every_n_epochs=1",
+                                         f"hydra.run.dir={tmp_path}/run2"], tmp_path, cache)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "pretraining it first" not in second.stdout
     assert teacher_ckpt.stat().st_mtime == mtime
     assert "student (compress_1q)" in json.loads((tmp_path / "run2" / "results.json").read_text())
+    # the in-training evaluation callbacks logged their metrics
+    header = (tmp_path / "run2" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "eval/knn_top1_k1" in header and "eval/cluster_acc" in header
 
 
 def test_bad_value_fails_at_start_up_naming_the_key(tmp_path):

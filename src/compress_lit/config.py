@@ -104,6 +104,10 @@ class EvalConfig:
     at_end: bool = True  # evaluate student and teacher (and the random-init student) after training
     random_baseline: bool = True
     cluster_seeds: int = 5  # cluster alignment repeated over this many k-means seeds (0: skip)
+    # during training: k-NN and cluster alignment of the embedding every N epochs (0: off), on subsets
+    every_n_epochs: int = 0
+    train_subset: Optional[int] = 10000
+    val_subset: Optional[int] = 2000
     linear: bool = True  # linear probe on precomputed features (the fast path; `compress_lit.linear` for the full one)
     save_features: bool = False  # write features.npz (train_x, train_y, test_x, test_y) per model
 
@@ -189,6 +193,8 @@ def _validate_common(cfg: DictConfig) -> None:
         raise ConfigError("data.root is required for data=imagefolder (a folder holding train/ and val/)")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} is invalid: need 0 < value < 1")
+    _positive(cfg, "eval.every_n_epochs", strict=False)
+    _positive(cfg, "eval.cluster_seeds", strict=False)
     if any(k <= 0 for k in cfg.eval.knn_k):
         raise ConfigError(f"eval.knn_k={list(cfg.eval.knn_k)} is invalid: every k must be > 0")
     for group in ("student", "teacher"):

@@ -74,9 +74,20 @@ def ensure_teacher_checkpoint(tcfg) -> None:
     print(f"[compress_lit] teacher ready: {path} (reused on later runs)", flush=True)
 
 
+def eval_callbacks(ecfg) -> list[pl.Callback]:
+    """k-NN and cluster alignment during training, every ``eval.every_n_epochs`` epochs (0: none)."""
+    if not ecfg.every_n_epochs:
+        return []
+    from .evaluation.callbacks import ClusterAlignmentCallback, KNNCallback
+
+    kw = dict(every_n_epochs=ecfg.every_n_epochs, train_subset=ecfg.train_subset, val_subset=ecfg.val_subset)
+    return [KNNCallback(ks=list(ecfg.knn_k), **kw), ClusterAlignmentCallback(seeds=1, **kw)]
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()) -> pl.Trainer:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
+    callbacks = [*callbacks, *eval_callbacks(cfg.eval)]
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1)
     kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
     kwargs.setdefault("max_epochs", cfg.optim.epochs)
