@@ -101,3 +101,24 @@ def test_pretrain_config_composes():
     validate_pretrain(cfg)
     assert cfg.student.arch == "resnet18" and cfg.student.width_multiplier == 0.5
     assert cfg.method.temperature == 0.2
+
+
+def _options(group):
+    return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("teacher", "student", "data", "method", "optim", "trainer",
+                                                           "logger") for o in _options(g)])
+def test_every_group_option_composes_and_validates(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "teacher" and option not in ("demo", "fashion_mnist"):
+        overrides.append("teacher.checkpoint=/ckpt/teacher.pth")
+    if group == "data" and option == "imagenet":
+        overrides.append("data.root=/data/imagenet")
+    validate_train(train_cfg(*overrides))
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_pretrain_experiment_composes(experiment):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        validate_pretrain(compose(config_name="pretrain", overrides=[f"experiment={experiment}"]))
