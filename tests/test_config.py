@@ -99,7 +99,7 @@ def test_pretrain_config_composes():
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="pretrain", overrides=["experiment=demo_teacher"])
     validate_pretrain(cfg)
-    assert cfg.student.arch == "resnet18" and cfg.student.width_multiplier == 0.5
+    assert cfg.student.arch == "resnet18" and cfg.student.width_multiplier == 0.5 and cfg.method.queue_size == 256
     assert cfg.method.temperature == 0.2
 
 
