@@ -113,6 +113,12 @@ class EvalConfig:
 
 
 @dataclass
+class PerfConfig:
+    channels_last: bool = False  # NHWC layout for networks and inputs (GPU convolutions)
+    compile: bool = False  # torch.compile the student (nn.Module.compile: checkpoint keys unchanged)
+
+
+@dataclass
 class TrainConfig:
     teacher: TeacherConfig = MISSING
     student: StudentConfig = MISSING
@@ -122,6 +128,7 @@ class TrainConfig:
     trainer: dict[str, Any] = field(default_factory=dict)  # passed to lightning.Trainer
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     seed: int = 0
     cache_dir: str = "${oc.env:COMPRESS_LIT_CACHE,.cache}"
     resume: Optional[str] = None  # None | auto | path to a checkpoint

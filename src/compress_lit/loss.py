@@ -14,9 +14,15 @@ from torch import nn
 
 
 def queue_similarities(emb: torch.Tensor, anchors: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Logits ``normalize(emb) @ anchors.T / temperature`` in float32, shape (batch, queue)."""
+    """Logits ``normalize(emb) @ anchors.T / temperature`` as float32, shape (batch, queue).
+
+    Never makes a queue-sized copy: a float32 queue is used as it is; a half-precision queue (``queue_dtype``)
+    is multiplied in its own dtype and only the batch × queue logits are converted to float32.
+    """
     emb = F.normalize(emb.float(), dim=1)
-    return emb @ anchors.float().t() / temperature  # no queue-sized copy when anchors are already float32
+    if anchors.dtype != torch.float32:
+        return (emb.to(anchors.dtype) @ anchors.t()).float() / temperature
+    return emb @ anchors.t() / temperature
 
 
 def compress_loss(

@@ -109,6 +109,10 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
     student = build_student(cfg.student)
     init_student = copy.deepcopy(student) if (cfg.eval.at_end and cfg.eval.random_baseline) else None
     module = build_method(cfg, student, teacher)
+    if cfg.perf.channels_last:
+        module.use_channels_last()
+    if cfg.perf.compile:
+        module.student.compile()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     logger = build_logger(cfg.logger, run_dir, cfg.run_name, resolved)
     trainer = build_trainer(cfg, run_dir, logger)

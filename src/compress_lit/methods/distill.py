@@ -28,6 +28,7 @@ class DistillationModule(pl.LightningModule):
         self.teacher = teacher
         self.optim_cfg = optim
         self.save_hyperparameters({"config": config or {}})
+        self.channels_last = False  # set by `use_channels_last()`
         self.student_dim = int(student.embed_dim)
         self.teacher_dim = int(teacher.embed_dim)
 
@@ -48,9 +49,18 @@ class DistillationModule(pl.LightningModule):
             return t
         return self.all_gather(t.contiguous()).flatten(0, 1)
 
-    @torch.no_grad()
     def teacher_targets(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return self.teacher(x).float()
+        # inference mode: no autograd bookkeeping at all for the frozen teacher; the clone (batch-sized, outside
+        # inference mode) makes the targets ordinary tensors that the loss may save for its backward
+        with torch.inference_mode():
+            t = self.teacher(x).float()
+        return t.clone()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.channels_last and isinstance(batch, (list, tuple)) and torch.is_tensor(batch[0]) \
+                and batch[0].dim() == 4:
+            batch = [batch[0].contiguous(memory_format=torch.channels_last), *batch[1:]]
+        return batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The student's embedding: what every evaluation uses (no projection head)."""
@@ -88,6 +98,11 @@ class DistillationModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return build_optimizer(self.parameter_groups(), self.optim_cfg)
+
+    def use_channels_last(self) -> "DistillationModule":
+        """NHWC memory layout for every network and every input batch (faster convolutions on GPUs)."""
+        self.channels_last = True
+        return self.to(memory_format=torch.channels_last)
 
     # ---- checkpoints: the teacher's weights stay in the teacher's own file -----------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
