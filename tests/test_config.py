@@ -122,3 +122,15 @@ def test_every_group_option_composes_and_validates(group, option):
 def test_every_pretrain_experiment_composes(experiment):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         validate_pretrain(compose(config_name="pretrain", overrides=[f"experiment={experiment}"]))
+
+
+def test_slurm_launcher_composes_with_ddp():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True,
+                      overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "hydra.launcher.nodes=2",
+                                 "hydra.launcher.partition=gpu"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, launcher.partition) == (2, 8, 8, "gpu")
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.num_nodes == 2
