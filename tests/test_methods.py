@@ -56,7 +56,8 @@ def fit(module, steps, tmp_path, ckpt_path=None, callbacks=()):
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                          callbacks=list(callbacks))
-    trainer.fit(module, DataLoader(FixedBatch(), batch_size=32, shuffle=False), ckpt_path=ckpt_path)
+    trainer.fit(module, DataLoader(FixedBatch(), batch_size=32, shuffle=False), ckpt_path=ckpt_path,
+                weights_only=False)
     return trainer
 
 

@@ -96,6 +96,7 @@ class LoggerConfig:
     group: Optional[str] = None
     mode: str = "auto"  # auto: online if logged in, else offline; or online | offline | disabled
     log_model: bool = False
+    flush_every_n_steps: int = 100  # CSV: how often rows reach metrics.csv
 
 
 @dataclass
@@ -157,6 +158,7 @@ class PretrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     output: Optional[str] = None  # where to copy the final checkpoint (the demo teacher's path)
+    resume: Optional[str] = None  # None | auto | a .ckpt path | a run dir
     run_name: Optional[str] = None
 
 

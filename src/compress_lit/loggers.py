@@ -34,7 +34,7 @@ def build_logger(cfg, save_dir: str | Path, run_name: str | None = None, config:
     if cfg.name == "csv":
         from pytorch_lightning.loggers import CSVLogger
 
-        return CSVLogger(save_dir, name="csv", version="")
+        return CSVLogger(save_dir, name="csv", version="", flush_logs_every_n_steps=cfg.flush_every_n_steps)
     from pytorch_lightning.loggers import WandbLogger
 
     mode = resolve_wandb_mode(cfg.mode)

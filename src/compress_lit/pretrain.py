@@ -20,6 +20,7 @@ from .config import register_configs, validate_pretrain
 from .data import build_datamodule
 from .loggers import build_logger
 from .methods import MoCoV2
+from .resume import resolve_resume
 from .evaluation.suite import evaluate_models, format_table
 from .train import CONF_DIR, USER_ERRORS, build_student, build_trainer, quiet_known_noise
 
@@ -41,7 +42,7 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     logger = build_logger(cfg.logger, run_dir, cfg.run_name, resolved)
     trainer = build_trainer(cfg, run_dir, logger)
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=resolve_resume(cfg.resume, run_dir), weights_only=False)
     last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.output and trainer.is_global_zero:
         out = Path(cfg.output)

@@ -8,8 +8,11 @@ and never another's.
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
+import numpy as np
+import torch
 from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
@@ -57,3 +60,22 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> str | None:
     if not p.is_file():
         raise FileNotFoundError(f"resume={resume!r}: no checkpoint at {p}")
     return str(p)
+
+
+def collect_rng_states() -> dict:
+    """Every global RNG a step draws from (data order, augmentations, dropout), to store in a checkpoint."""
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict | None) -> None:
+    """Put the RNGs back where the checkpoint left them, so a resumed run draws what the uninterrupted one did."""
+    if not states:
+        return
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -40,6 +40,8 @@ def quiet_known_noise() -> None:
     # the frozen teacher is in eval mode on purpose (Lightning warns about any eval-mode module at fit start)
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`.*")  # ours, on purpose
+    warnings.filterwarnings("ignore", message=r".*no `validation_step`.*")  # val data is for the evaluations
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
@@ -88,7 +90,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()) -> pl.Tr
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     callbacks = [*callbacks, *eval_callbacks(cfg.eval)]
-    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1)
+    # Every epoch: the newest checkpoint (top-1 without a monitor = the latest) and `last.ckpt` linking to it.
+    # save_on_train_epoch_end: there is no validation loop (the val split serves the evaluations), so the
+    # default "save after validation" would never save during training.
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last="link", save_top_k=1, every_n_epochs=1,
+                           save_on_train_epoch_end=True)
     kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
     kwargs.setdefault("max_epochs", cfg.optim.epochs)
     try:
@@ -117,7 +123,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
     logger = build_logger(cfg.logger, run_dir, cfg.run_name, resolved)
     trainer = build_trainer(cfg, run_dir, logger)
     ckpt_path = resolve_resume(cfg.resume, run_dir)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    # our own checkpoints hold RNG states (numpy arrays) besides tensors: trusted, so not weights-only
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=False)
     teacher.assert_frozen()
 
     results: dict = {}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..anchor_queue import AnchorQueue
+from ..resume import collect_rng_states, restore_rng_states
 from ..schedule import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class DistillationModule(pl.LightningModule):
         for k in [k for k in sd if k.startswith("teacher.")]:
             del sd[k]
         checkpoint["teacher_fingerprint"] = self.teacher.fingerprint()
+        checkpoint["rng_states"] = collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("teacher_fingerprint")
@@ -121,6 +123,7 @@ class DistillationModule(pl.LightningModule):
         sd = checkpoint["state_dict"]
         for k, v in self.teacher.state_dict(prefix="teacher.").items():
             sd.setdefault(k, v)
+        restore_rng_states(checkpoint.get("rng_states"))
 
 
 def l2n(t: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..momentum import ema_update, make_momentum_copy
 from ..anchor_queue import AnchorQueue
+from ..resume import collect_rng_states, restore_rng_states
 from ..schedule import build_optimizer
 
 
@@ -95,6 +96,12 @@ class MoCoV2(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        restore_rng_states(checkpoint.get("rng_states"))
 
     def configure_optimizers(self):
         params = list(self.backbone.parameters()) + list(self.projector.parameters())

@@ -1,0 +1,75 @@
+"""Exact resume: a run killed with SIGKILL mid-epoch and resumed with resume=auto continues exactly as the
+uninterrupted run (same later losses, same final weights, queues and momentum student)."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ARGS = ["teacher.format=random", "teacher.checkpoint=null", "teacher.width_multiplier=0.25",
+        "student.width_multiplier=0.125", "data.train_subset=1024", "data.val_subset=64", "data.batch_size=32",
+        "method.queue_size=256", "optim.epochs=3", "eval.at_end=false", "trainer.deterministic=true",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
+        "logger.flush_every_n_steps=1"]
+
+
+def _cmd(run_dir, *extra):
+    return [sys.executable, "-m", "compress_lit.train", *ARGS, *extra, f"hydra.run.dir={run_dir}"]
+
+
+def _env(tmp_path):
+    return dict(os.environ, COMPRESS_LIT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+
+
+def _epoch_losses(run_dir):
+    rows = list(csv.DictReader(open(Path(run_dir) / "csv" / "metrics.csv")))
+    return {int(r["epoch"]): float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")}
+
+
+def _step_losses(run_dir):
+    path = Path(run_dir) / "csv" / "metrics.csv"
+    if not path.exists():
+        return {}
+    rows = list(csv.DictReader(open(path)))
+    return {int(r["step"]): float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")}
+
+
+def test_sigkill_mid_epoch_then_resume_auto_equals_uninterrupted_run(tmp_path):
+    env = _env(tmp_path)
+    ref_dir, killed_dir, resumed_dir = (tmp_path / "runs" / "x" / n for n in ("ref", "killed", "resumed"))
+    ref = subprocess.run(_cmd(ref_dir), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    # the same run, killed with SIGKILL part-way through epoch 1 (after the epoch-0 checkpoint was written)
+    proc = subprocess.Popen(_cmd(killed_dir), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = killed_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and max(_step_losses(killed_dir) or {0: 0}) >= 40:  # 32 steps/epoch: in epoch 1
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 0  # only epoch 0 had been saved
+
+    resumed = subprocess.run(_cmd(resumed_dir, "resume=auto"), cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out = resumed.stdout + resumed.stderr
+    assert "resume=auto: resuming from" in out and str(ckpt) in out
+
+    ref_losses, res_losses = _epoch_losses(ref_dir), _epoch_losses(resumed_dir)
+    assert set(res_losses) == {1, 2}  # epochs 1 and 2 were re-run from the epoch-0 checkpoint
+    for e in (1, 2):
+        assert res_losses[e] == ref_losses[e], (e, res_losses[e], ref_losses[e])
+    a = torch.load(ref_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 96
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
