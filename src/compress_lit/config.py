@@ -120,6 +120,11 @@ class PerfConfig:
 
 
 @dataclass
+class SafetyConfig:
+    min_free_gb: float = 0.5  # refuse to start when the run or cache folder has less free space
+
+
+@dataclass
 class TrainConfig:
     teacher: TeacherConfig = MISSING
     student: StudentConfig = MISSING
@@ -130,6 +135,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
     seed: int = 0
     cache_dir: str = "${oc.env:COMPRESS_LIT_CACHE,.cache}"
     resume: Optional[str] = None  # None | auto | path to a checkpoint
@@ -156,7 +162,9 @@ class PretrainConfig:
     trainer: dict[str, Any] = field(default_factory=dict)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
     seed: int = 0
+    cache_dir: str = "${oc.env:COMPRESS_LIT_CACHE,.cache}"
     output: Optional[str] = None  # where to copy the final checkpoint (the demo teacher's path)
     resume: Optional[str] = None  # None | auto | a .ckpt path | a run dir
     run_name: Optional[str] = None

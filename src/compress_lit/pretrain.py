@@ -6,8 +6,6 @@ it with ``teacher.format=compress_lit``. ``output=<path>`` also copies it there 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from .data import build_datamodule
 from .loggers import build_logger
 from .methods import MoCoV2
 from .resume import resolve_resume
+from .safety import atomic_copy, check_writable
 from .evaluation.suite import evaluate_models, format_table
 from .train import CONF_DIR, USER_ERRORS, build_student, build_trainer, quiet_known_noise
 
@@ -31,6 +30,9 @@ register_configs()
 def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     validate_pretrain(cfg)
+    check_writable(run_dir, "the run directory", cfg.safety.min_free_gb)
+    if cfg.output:
+        check_writable(Path(cfg.output).parent, "the output folder", cfg.safety.min_free_gb)
     pl.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg.data, views=2)
     dm.setup("fit")
@@ -45,12 +47,8 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
     trainer.fit(module, datamodule=dm, ckpt_path=resolve_resume(cfg.resume, run_dir), weights_only=False)
     last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.output and trainer.is_global_zero:
-        out = Path(cfg.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        shutil.copyfile(last, tmp)
-        os.replace(tmp, out)
-        log.info("pretrained checkpoint written to %s", out)
+        atomic_copy(last, cfg.output)
+        log.info("pretrained checkpoint written to %s", cfg.output)
     results = {}
     if cfg.eval.at_end and trainer.is_global_zero:
         results = evaluate_models({f"{cfg.student.name} (MoCo v2)": module.backbone}, dm, list(cfg.eval.knn_k),

@@ -27,13 +27,14 @@ from .loggers import build_logger
 from .methods import CompReSS
 from .models import build_backbone
 from .resume import resolve_resume
+from .safety import AtomicCheckpointIO, StartupError, check_writable
 from .teacher import TeacherLoadError, build_teacher
 
 log = logging.getLogger("compress_lit.train")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 register_configs()
 # errors whose message is written for the user: shown without a traceback by the entry points
-USER_ERRORS = (ConfigError, DatasetError, TeacherLoadError)
+USER_ERRORS = (ConfigError, DatasetError, TeacherLoadError, StartupError)
 
 
 def quiet_known_noise() -> None:
@@ -98,7 +99,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()) -> pl.Tr
     kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
     kwargs.setdefault("max_epochs", cfg.optim.epochs)
     try:
-        return pl.Trainer(default_root_dir=str(run_dir), logger=logger, callbacks=[ckpt, *callbacks], **kwargs)
+        return pl.Trainer(default_root_dir=str(run_dir), logger=logger, callbacks=[ckpt, *callbacks],
+                          plugins=[AtomicCheckpointIO()], **kwargs)
     except TypeError as e:  # an unknown trainer.* key
         raise ValueError(f"invalid trainer.* setting: {e}") from e
 
@@ -106,6 +108,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()) -> pl.Tr
 def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     validate_train(cfg)
+    check_writable(run_dir, "the run directory", cfg.safety.min_free_gb)
+    if cfg.teacher.pretrain_if_missing:
+        check_writable(cfg.cache_dir, "the cache directory (cache_dir)", cfg.safety.min_free_gb)
     pl.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg.data)
     dm.setup("fit")
