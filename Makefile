@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench reproduce clean
+.PHONY: install demo test bench reproduce reproduce-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ test: install
 
 bench: install
 	@set -e; for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f; done
+
+reproduce: install
+	$(PY) -m compress_lit.reproduce
+
+reproduce-quick: install
+	$(PY) -m compress_lit.reproduce reproduce_preset=quick
 
 clean:
 	rm -rf outputs multirun .cache .pytest_cache

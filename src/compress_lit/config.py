@@ -104,6 +104,7 @@ class EvalConfig:
     knn_k: list[int] = field(default_factory=lambda: [1, 20])
     at_end: bool = True  # evaluate student and teacher (and the random-init student) after training
     random_baseline: bool = True
+    include_teacher: bool = True  # evaluate the teacher too (the reproduce command evaluates it once instead)
     cluster_seeds: int = 5  # cluster alignment repeated over this many k-means seeds (0: skip)
     # during training: k-NN and cluster alignment of the embedding every N epochs (0: off), on subsets
     every_n_epochs: int = 0

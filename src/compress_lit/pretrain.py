@@ -5,6 +5,7 @@ it with ``teacher.format=compress_lit``. ``output=<path>`` also copies it there 
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -55,6 +56,7 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
                                   module.device, cfg.eval.cluster_seeds, cfg.eval.linear)
         print(f"\nTop-1 (%) on the held-out {cfg.data.name} split\n{format_table(results, cfg.eval.cluster_seeds)}\n",
               flush=True)
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 

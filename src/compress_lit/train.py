@@ -135,8 +135,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
     results: dict = {}
     if cfg.eval.at_end and trainer.is_global_zero:
         device = module.device
-        models = {f"teacher ({cfg.teacher.name})": teacher,
-                  f"student ({cfg.method.name})": module.student}
+        models = {f"teacher ({cfg.teacher.name})": teacher} if cfg.eval.include_teacher else {}
+        models[f"student ({cfg.method.name})"] = module.student
         if init_student is not None:
             models["student, random init"] = init_student.to(device)
         results = evaluate_models(models, dm, list(cfg.eval.knn_k), device, cfg.eval.cluster_seeds,
