@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from compress_lit.config import ConfigError, register_configs, validate_pretrain, validate_train
+from compress_lit.config import METHODS, ConfigError, register_configs, validate_pretrain, validate_train
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 register_configs()
@@ -35,9 +35,15 @@ def test_paper_setting_composes_with_paper_hyperparameters():
     assert (d.batch_size, d.image_size, d.resize_size, d.hflip) == (256, 224, 256, True)
 
 
-@pytest.mark.parametrize("method", ["compress_2q", "compress_2q_nomomentum", "compress_1q"])
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_validates(method):
-    validate_train(train_cfg(f"method={method}"))
+    cfg = train_cfg(f"method={method}")
+    validate_train(cfg)
+    assert cfg.method.name == method
+
+
+def test_every_method_has_a_config_and_every_config_is_a_method():
+    assert sorted(p.stem for p in (Path(CONF) / "method").glob("*.yaml")) == sorted(METHODS)
 
 
 @pytest.mark.parametrize("override,key", [

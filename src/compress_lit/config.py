@@ -13,7 +13,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 TEACHER_FORMATS = ("moco", "swav", "simclr_tf", "simclr_converted", "torchvision", "compress_lit", "random")
-METHODS = ("compress_2q", "compress_2q_nomomentum", "compress_1q")
+METHODS = ("compress_2q", "compress_2q_nomomentum", "compress_1q",
+           # the paper's baselines (methods/baselines.py); "MoCo from scratch" is `compress_lit.pretrain`
+           "regression", "regression_bn", "crd", "cc", "supervised")
 
 
 class ConfigError(ValueError):
@@ -32,6 +34,12 @@ class TeacherConfig:
     # output=<checkpoint>` builds it first
     pretrain_if_missing: bool = False
     pretrain_args: list[str] = field(default_factory=list)
+    # cached teacher (teacher_cache.py): look the teacher's features up by dataset index instead of running it;
+    # the cache is built by `python -m compress_lit.cache_features` (same overrides as the training run)
+    cached: bool = False
+    cache_path: Optional[str] = None  # None: ${cache_dir}/features/<teacher.name>_<data.name>[_views<K>]
+    cache_views: int = 1  # 1: the centre-crop embedding; K > 1: K seeded augmented views per image
+    build_cache_if_missing: bool = False  # compute the cache in-process when it does not exist yet
 
 
 @dataclass
@@ -74,6 +82,15 @@ class MethodConfig:
     use_momentum_encoder: bool = True
     one_queue: bool = False  # 1q: a linear layer maps the student into teacher space; one teacher queue
     queue_dtype: str = "float32"
+    # CRD baseline: common embedding dim, negatives per anchor, temperature, momentum of the per-sample memories
+    crd_dim: int = 128
+    crd_negatives: int = 16384
+    crd_temperature: float = 0.07
+    crd_memory_momentum: float = 0.5
+    # CC baseline: k-means clusters on the teacher's train embeddings (None: 10 x number of classes, at most the
+    # number of training images; the paper: 16,000 on ImageNet) and k-means iterations
+    cc_clusters: Optional[int] = None
+    cc_kmeans_iters: int = 20
 
 
 @dataclass
@@ -171,10 +188,31 @@ class PretrainConfig:
     run_name: Optional[str] = None
 
 
+@dataclass
+class CacheConfig:
+    """`python -m compress_lit.cache_features`: the teacher feature cache (see teacher_cache.py)."""
+    output: Optional[str] = None  # None: teacher.cache_path, else ${cache_dir}/features/<teacher>_<data>[_views<K>]
+    views: Optional[int] = None  # None: teacher.cache_views
+    view_seed: int = 0  # base seed of the augmented views (K > 1)
+    dtype: str = "float16"  # float16 | float32
+    batch_size: Optional[int] = None  # images per teacher forward; None: data.eval_batch_size
+    chunk_batches: int = 50  # flush the file and record progress every this many batches
+    max_chunks: Optional[int] = None  # stop after this many chunks (a later run resumes); None: run to the end
+    overwrite: bool = False  # replace an existing cache that does not match (default: refuse)
+    progress: bool = True
+
+
+@dataclass
+class CacheFeaturesConfig(TrainConfig):
+    """The training schema plus ``cache``: the same command-line overrides work for both entry points."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="pretrain_schema", node=PretrainConfig)
+    cs.store(name="cache_features_schema", node=CacheFeaturesConfig)
 
 
 def _positive(cfg: DictConfig, key: str, strict: bool = True) -> None:
@@ -233,6 +271,12 @@ def validate_train(cfg: DictConfig) -> None:
     _one_of(cfg, "method.name", METHODS)
     _one_of(cfg, "teacher.format", TEACHER_FORMATS)
     _one_of(cfg, "method.queue_dtype", ("float32", "float16", "bfloat16"))
+    for key in ("method.crd_dim", "method.crd_negatives", "method.crd_temperature", "method.cc_clusters",
+                "method.cc_kmeans_iters"):
+        _positive(cfg, key)
+    crd_m = OmegaConf.select(cfg, "method.crd_memory_momentum", default=0.5)
+    if not 0 <= crd_m < 1:
+        raise ConfigError(f"method.crd_memory_momentum={crd_m} is invalid: need 0 <= m < 1")
     if not 0 <= cfg.method.momentum < 1:
         raise ConfigError(f"method.momentum={cfg.method.momentum} is invalid: need 0 <= m < 1")
     if cfg.teacher.format not in ("random",) and not cfg.teacher.checkpoint:

@@ -24,17 +24,20 @@ from .config import ConfigError, register_configs, validate_train
 from .data import DatasetError, build_datamodule
 from .evaluation.suite import evaluate_models, format_table
 from .loggers import build_logger
-from .methods import CompReSS
+from .methods import CompReSS, DistillationModule
+from .methods.baselines import CRD, ClusterClassification, Regression, Supervised
 from .models import build_backbone
 from .resume import resolve_resume
 from .safety import AtomicCheckpointIO, StartupError, check_writable
 from .teacher import TeacherLoadError, build_teacher
+from .teacher_cache import (CacheMissingError, SeededViews, TeacherCacheError, cache_features_command, cache_path,
+                            cache_views, expected_meta, open_cache, validate_cache_config)
 
 log = logging.getLogger("compress_lit.train")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 register_configs()
 # errors whose message is written for the user: shown without a traceback by the entry points
-USER_ERRORS = (ConfigError, DatasetError, TeacherLoadError, StartupError)
+USER_ERRORS = (ConfigError, DatasetError, TeacherLoadError, StartupError, TeacherCacheError)
 
 
 def quiet_known_noise() -> None:
@@ -55,12 +58,59 @@ def build_student(scfg, num_classes: int | None = None) -> torch.nn.Module:
     return build_backbone(scfg.arch, small_input=scfg.small_input, width_multiplier=scfg.width_multiplier, **kw)
 
 
-def build_method(cfg: DictConfig, student, teacher) -> CompReSS:
+def _compress(cfg, student, teacher, dm, config):
     m = cfg.method
     return CompReSS(student, teacher, cfg.optim, queue_size=m.queue_size, temperature=m.temperature,
                     student_temperature=m.student_temperature, momentum=m.momentum,
                     use_momentum_encoder=m.use_momentum_encoder, one_queue=m.one_queue,
-                    queue_dtype=m.queue_dtype, config=OmegaConf.to_container(cfg, resolve=True))
+                    queue_dtype=m.queue_dtype, config=config)
+
+
+def _need_dm(dm, method: str):
+    if dm is None:
+        raise ValueError(f"method={method} needs the datamodule (number of training samples / classes)")
+    return dm
+
+
+def _regression(cfg, student, teacher, dm, config):
+    return Regression(student, teacher, cfg.optim, bn=cfg.method.name == "regression_bn", config=config)
+
+
+def _crd(cfg, student, teacher, dm, config):
+    m = cfg.method
+    return CRD(student, teacher, cfg.optim, num_samples=_need_dm(dm, m.name).num_train, dim=m.crd_dim,
+               num_negatives=m.crd_negatives, temperature=m.crd_temperature,
+               memory_momentum=m.crd_memory_momentum, config=config)
+
+
+def _cc(cfg, student, teacher, dm, config):
+    m, dm = cfg.method, _need_dm(dm, cfg.method.name)
+    k = m.cc_clusters if m.cc_clusters is not None else min(10 * dm.num_classes, dm.num_train)
+    return ClusterClassification(student, teacher, cfg.optim, num_samples=dm.num_train, num_clusters=k,
+                                 kmeans_iters=m.cc_kmeans_iters, kmeans_seed=cfg.seed, config=config)
+
+
+def _supervised(cfg, student, teacher, dm, config):
+    return Supervised(student, teacher, cfg.optim, num_classes=_need_dm(dm, cfg.method.name).num_classes,
+                      config=config)
+
+
+# method.name -> constructor(cfg, student, teacher, datamodule, resolved config)
+METHOD_BUILDERS = {
+    "compress_2q": _compress, "compress_2q_nomomentum": _compress, "compress_1q": _compress,
+    "regression": _regression, "regression_bn": _regression, "crd": _crd, "cc": _cc, "supervised": _supervised,
+}
+
+
+def build_method(cfg: DictConfig, student, teacher, dm=None) -> DistillationModule:
+    """The LightningModule of ``cfg.method.name``; ``dm`` (the datamodule) gives the baselines that need them
+    the number of training samples (CRD's memories, CC's cluster ids) and of classes (Supervised, CC's k)."""
+    try:
+        builder = METHOD_BUILDERS[cfg.method.name]
+    except KeyError:
+        raise ConfigError(f"method.name={cfg.method.name!r} is invalid: choose one of {list(METHOD_BUILDERS)}") \
+            from None
+    return builder(cfg, student, teacher, dm, OmegaConf.to_container(cfg, resolve=True))
 
 
 def ensure_teacher_checkpoint(tcfg) -> None:
@@ -75,6 +125,53 @@ def ensure_teacher_checkpoint(tcfg) -> None:
     if not path.exists():
         raise RuntimeError(f"pretraining finished but wrote no checkpoint at {path}")
     print(f"[compress_lit] teacher ready: {path} (reused on later runs)", flush=True)
+
+
+def _run_overrides() -> list[str] | None:
+    """This run's command-line overrides (None outside a Hydra run)."""
+    if not HydraConfig.initialized():
+        return None
+    return [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.")]
+
+
+def cached_teacher(cfg: DictConfig, dm) -> torch.nn.Module:
+    """``teacher.cached=true``: the teacher's features from the cache (teacher_cache.py) instead of the network.
+
+    The cache must have been built for this teacher (identity: name, arch, format, checkpoint path, size and
+    mtime), this data (name, size, image size, normalisation, split) and transform (centre crop, or
+    ``teacher.cache_views`` seeded views; then the training set is wrapped in ``SeededViews``). A missing cache
+    is built in-process when ``teacher.build_cache_if_missing=true``; otherwise the error gives the command."""
+    validate_cache_config(cfg)
+    if cfg.method.name == "cc":
+        raise ConfigError("method=cc clusters the teacher's network outputs itself: it does not support "
+                          "teacher.cached=true (it runs the teacher only once anyway)")
+    path, views = cache_path(cfg), cache_views(cfg)
+    expected = expected_meta(cfg.teacher, cfg.data, dm.num_train, views, seed=cfg.seed)
+    try:
+        teacher = open_cache(path, expected)
+    except CacheMissingError as e:
+        if not cfg.teacher.build_cache_if_missing:
+            overrides = _run_overrides()
+            cmd = cache_features_command(overrides) if overrides is not None else \
+                "python -m compress_lit.cache_features <the same overrides as this run>"
+            raise TeacherCacheError(f"{e}: build it first with\n  {cmd}\nor set teacher.build_cache_if_missing=true")
+        from .cache_features import compute_for_config, local_device_and_autocast
+
+        check_writable(path.parent, "the feature cache folder", cfg.safety.min_free_gb)
+        if cfg.teacher.checkpoint and cfg.teacher.format != "random":
+            ensure_teacher_checkpoint(cfg.teacher)
+        print(f"[compress_lit] teacher feature cache {path} not found: computing it first", flush=True)
+        device, autocast = local_device_and_autocast(cfg.trainer)
+        rng = torch.random.get_rng_state()
+        torch.manual_seed(cfg.seed)  # as compress_lit.cache_features (random-format teachers)
+        compute_for_config(cfg, dm, device=device, autocast=autocast)
+        torch.random.set_rng_state(rng)
+        expected = expected_meta(cfg.teacher, cfg.data, dm.num_train, views, seed=cfg.seed)  # new checkpoint
+        teacher = open_cache(path, expected)
+    log.info("cached teacher %s: %s", cfg.teacher.name, teacher)
+    if teacher.views > 1:
+        dm.wrap_train(lambda ds: SeededViews(ds, teacher.views, teacher.base_seed))
+    return teacher
 
 
 def eval_callbacks(ecfg) -> list[pl.Callback]:
@@ -114,12 +211,15 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg.data)
     dm.setup("fit")
-    if cfg.teacher.checkpoint:
-        ensure_teacher_checkpoint(cfg.teacher)
-    teacher = build_teacher(cfg.teacher)
+    if cfg.teacher.cached:  # no teacher network: its features are looked up by dataset index
+        teacher = cached_teacher(cfg, dm)
+    else:
+        if cfg.teacher.checkpoint:
+            ensure_teacher_checkpoint(cfg.teacher)
+        teacher = build_teacher(cfg.teacher)
     student = build_student(cfg.student)
     init_student = copy.deepcopy(student) if (cfg.eval.at_end and cfg.eval.random_baseline) else None
-    module = build_method(cfg, student, teacher)
+    module = build_method(cfg, student, teacher, dm)
     if cfg.perf.channels_last:
         module.use_channels_last()
     if cfg.perf.compile:
@@ -135,7 +235,9 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
     results: dict = {}
     if cfg.eval.at_end and trainer.is_global_zero:
         device = module.device
-        models = {f"teacher ({cfg.teacher.name})": teacher} if cfg.eval.include_teacher else {}
+        # a cached teacher has no network to evaluate (evaluate it from its checkpoint: compress_lit.evaluate)
+        cached = getattr(teacher, "is_cached", False)
+        models = {f"teacher ({cfg.teacher.name})": teacher} if cfg.eval.include_teacher and not cached else {}
         models[f"student ({cfg.method.name})"] = module.student
         if init_student is not None:
             models["student, random init"] = init_student.to(device)

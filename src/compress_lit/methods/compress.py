@@ -43,7 +43,7 @@ class CompReSS(DistillationModule):
     def extra_modules(self):
         return [self.projection] if self.one_queue else []
 
-    def distill(self, x, student_emb, teacher_emb):
+    def distill(self, x, student_emb, teacher_emb, *, labels=None, index=None):
         q = self.queues
         if self.one_queue:
             student_emb = self.projection(student_emb)

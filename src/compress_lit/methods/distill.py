@@ -1,7 +1,10 @@
 """The distillation base: a LightningModule that owns the frozen teacher, the student and the optimiser.
 
-Subclasses (CompReSS 2q / 1q, and the baselines) implement ``distill(x, student_emb, teacher_emb)`` returning
-``(loss, logs)`` and, if they train extra layers, list them in ``extra_modules``. Everything else — the teacher
+Subclasses (CompReSS 2q / 1q, and the baselines) implement ``distill(x, student_emb, teacher_emb, *, labels,
+index)`` returning ``(loss, logs)`` and, if they train extra layers, list them in ``extra_modules``. ``labels`` and
+``index`` are the batch's class labels and dataset indices (keyword-only, ``None`` when a caller has none); a
+method that learns without the teacher (the supervised and cluster-classification baselines) sets
+``needs_teacher = False`` and receives ``teacher_emb=None``: the teacher is never run. Everything else — the teacher
 forward under no-grad, keeping the teacher frozen and in eval mode, gathering across processes, the optimiser and
 schedule, keeping the teacher's weights out of checkpoints (they come from the teacher's own file) — is here.
 """
@@ -23,6 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class DistillationModule(pl.LightningModule):
+    #: False: ``training_step`` never runs the teacher and passes ``teacher_emb=None`` to ``distill``
+    needs_teacher: bool = True
+
     def __init__(self, student: nn.Module, teacher: nn.Module, optim: Any, config: dict | None = None):
         super().__init__()
         self.student = student
@@ -34,8 +40,10 @@ class DistillationModule(pl.LightningModule):
         self.teacher_dim = int(teacher.embed_dim)
 
     # ---- pieces subclasses provide ---------------------------------------------------------------------------
-    def distill(self, x: torch.Tensor, student_emb: torch.Tensor, teacher_emb: torch.Tensor
+    def distill(self, x: torch.Tensor, student_emb: torch.Tensor, teacher_emb: torch.Tensor | None, *,
+                labels: torch.Tensor | None = None, index: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one batch. ``labels``/``index``: the batch's class labels and dataset indices."""
         raise NotImplementedError
 
     def extra_modules(self) -> list[nn.Module]:
@@ -50,7 +58,10 @@ class DistillationModule(pl.LightningModule):
             return t
         return self.all_gather(t.contiguous()).flatten(0, 1)
 
-    def teacher_targets(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def teacher_targets(self, x: torch.Tensor, index: torch.Tensor, view: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        if getattr(self.teacher, "is_cached", False):  # teacher_cache.CachedFeatures: stored rows, no network
+            return self.teacher.lookup(index, view)
         # inference mode: no autograd bookkeeping at all for the frozen teacher; the clone (batch-sized, outside
         # inference mode) makes the targets ordinary tensors that the loss may save for its backward
         with torch.inference_mode():
@@ -68,10 +79,10 @@ class DistillationModule(pl.LightningModule):
         return self.student(x)
 
     def training_step(self, batch, batch_idx):
-        x, _, index = batch
-        teacher_emb = self.teacher_targets(x, index)
+        x, labels, index, *view = batch  # a 4th element: the view k of a cached K-view teacher (SeededViews)
+        teacher_emb = self.teacher_targets(x, index, *view) if self.needs_teacher else None
         student_emb = self.student(x)
-        loss, logs = self.distill(x, student_emb, teacher_emb)
+        loss, logs = self.distill(x, student_emb, teacher_emb, labels=labels, index=index)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at global step {self.global_step} "
                                      f"(epoch {self.current_epoch}, batch {batch_idx})")
