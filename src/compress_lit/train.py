@@ -3,6 +3,11 @@
 With no arguments it runs the embedded default: digits data, the project's own MoCo v2 demo teacher (pretrained
 first if its checkpoint is not in the cache), a small ResNet-18 student, CompReSS-2q. The paper's setting is
 ``python -m compress_lit.train teacher=resnet50x4 student=alexnet data=imagenet data.root=/path``.
+
+``teacher.cached=true``: no teacher network is built; the teacher's features are looked up by dataset index in a
+cache made beforehand by ``python -m compress_lit.cache_features <the same overrides>`` (the centre-crop embedding
+of every training image, as the paper did for R50x4; ``teacher.cache_views=K``: K seeded augmented views, the
+student then sees exactly one of them). See :mod:`compress_lit.teacher_cache`.
 """
 from __future__ import annotations
 
@@ -237,6 +242,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
         device = module.device
         # a cached teacher has no network to evaluate (evaluate it from its checkpoint: compress_lit.evaluate)
         cached = getattr(teacher, "is_cached", False)
+        if cached and cfg.eval.include_teacher:
+            log.info("eval: the cached teacher has no network to evaluate; skipped")
         models = {f"teacher ({cfg.teacher.name})": teacher} if cfg.eval.include_teacher and not cached else {}
         models[f"student ({cfg.method.name})"] = module.student
         if init_student is not None:

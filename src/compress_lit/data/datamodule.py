@@ -4,6 +4,8 @@
 * ``val_dataloader``: evaluation transform on the val split, in order.
 * ``train_eval_dataloader``: evaluation transform on the train split, in order (k-NN bank, feature caches).
 
+``wrap_train(fn)`` replaces the training dataset by ``fn(dataset)`` (the cached teacher's ``SeededViews``).
+
 Under DDP Lightning replaces the samplers of the train/val loaders with a DistributedSampler itself.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ class CompressDataModule(pl.LightningDataModule):
         self._train = None  # training transform
         self._train_eval = None  # evaluation transform on the train split
         self._val = None
+        self._train_wrapper = None  # see wrap_train
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self, stage: Optional[str] = None) -> None:
@@ -49,8 +52,17 @@ class CompressDataModule(pl.LightningDataModule):
             augment = MultiView(augment, self.views)
         evaluate = eval_transform(cfg)
         self._train = train.with_transform(augment)
+        if self._train_wrapper is not None:
+            self._train = self._train_wrapper(self._train)
         self._train_eval = train.with_transform(evaluate)
         self._val = val.with_transform(evaluate)
+
+    def wrap_train(self, fn) -> None:
+        """Replace the training dataset by ``fn(dataset)`` (e.g. the cached teacher's ``SeededViews``), now if
+        set up already, else at ``setup``. ``train_dataset_eval`` is not wrapped."""
+        self._train_wrapper = fn
+        if self._train is not None:
+            self._train = fn(self._train)
 
     # ------------------------------------------------------------------------------------------ properties
     @property
