@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import platform
@@ -42,6 +41,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model, save_result  # noqa: E402
 
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -53,14 +54,6 @@ from compress_lit.teacher import FrozenTeacher  # noqa: E402
 from compress_lit.teacher_cache import build_cache, cache_meta, expected_meta, open_cache  # noqa: E402
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:
@@ -212,10 +205,7 @@ def main(argv=None) -> dict:
         print(f"| {name} | {1e3 * r['step_s_median']:.1f} ms | {r['images_per_s']:.0f} | {ratio:.2f}x |")
     print(f"\nspeed-up (median of per-round ratios): {statistics.median(paired):.2f}x; cache build (one pass over "
           f"{dm.num_train} centre crops): {build_s:.2f} s, {cache_bytes / 1024:.0f} KiB; wall {result['wall_s']:.0f} s")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"written {out}")
+    save_result(result, a.out)
     return result
 
 

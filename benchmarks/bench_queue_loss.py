@@ -25,7 +25,6 @@ a table, writes ``benchmarks/results/queue_loss.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model, save_result  # noqa: E402
 
 from compress_lit.anchor_queue import AnchorQueue  # noqa: E402
 from compress_lit.loss import compress_loss  # noqa: E402
@@ -47,14 +48,6 @@ TEMPERATURE = 0.04
 # ------------------------------------------------------------------------------------------------------------
 # environment and memory helpers
 # ------------------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:
@@ -307,11 +300,7 @@ def main(argv=None) -> dict:
     env["peak_rss_measurable"] = reset_peak_rss()
     result = {"environment": env, "check": check, "cases": cases, "quick": a.quick,
               "wall_s": time.perf_counter() - t_start}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nload average (1/5/15 min) at start {env['loadavg_start']}, at end {env['loadavg_end']}; "
-          f"total {result['wall_s']:.0f} s\nsaved {out}")
+    save_result(result, a.out)
     return result
 
 

@@ -45,6 +45,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model, save_result  # noqa: E402
 
 from compress_lit.config import OptimConfig  # noqa: E402
 from compress_lit.loss import compress_loss  # noqa: E402
@@ -61,14 +63,6 @@ STUDENTS = {
 }
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:
@@ -309,11 +303,7 @@ def main(argv=None) -> dict:
     env["loadavg_end"] = os.getloadavg()
     result = {"environment": env, "lightning_overhead": lo, "students": students, "quick": a.quick,
               "wall_s": time.perf_counter() - t_start}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nload average (1/5/15 min) at start {env['loadavg_start']}, at end {env['loadavg_end']}; "
-          f"total {result['wall_s']:.0f} s\nsaved {out}")
+    save_result(result, a.out)
     return result
 
 

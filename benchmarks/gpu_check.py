@@ -30,7 +30,6 @@ Usage (GPU): ``PYTHONPATH=src python benchmarks/gpu_check.py``; (CPU) ``... gpu_
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -44,6 +43,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model  # noqa: E402
 
 from compress_lit.config import OptimConfig  # noqa: E402
 from compress_lit.loss import compress_loss  # noqa: E402
@@ -65,14 +66,6 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(device: torch.device) -> dict:
