@@ -45,6 +45,7 @@ class ReproduceConfig:
     teacher_overrides: list[str] = field(default_factory=list)  # compress_lit.train overrides that describe it
     common_args: list[str] = field(default_factory=list)  # every student run (data, epochs, eval)
     scratch_args: list[str] = field(default_factory=list)  # MoCo-from-scratch runs only
+    train_args: list[str] = field(default_factory=list)  # distillation / supervised runs only
     dry_run: bool = False  # print the commands only
 
 
@@ -150,7 +151,7 @@ def run_reproduce(cfg: DictConfig) -> dict:
                 else:
                     args = [*cfg.teacher_overrides, f"teacher.checkpoint={teacher_ckpt}",
                             "teacher.pretrain_if_missing=false", f"student={student}", f"method={method}",
-                            f"seed={seed}", *cfg.common_args, "eval.include_teacher=false",
+                            f"seed={seed}", *cfg.common_args, *cfg.train_args, "eval.include_teacher=false",
                             "eval.random_baseline=false"]
                     module = "compress_lit.train"
                 _, res = _run_step(module, args, runs, f"{student}-{method}-s{seed}", cfg.dry_run)
