@@ -26,8 +26,10 @@ def resolve_wandb_mode(mode: str) -> str:
     return "online" if wandb_credentials_present() else "offline"
 
 
-def build_logger(cfg, save_dir: str | Path, run_name: str | None = None, config: dict | None = None):
-    """A Lightning logger from a LoggerConfig, or False for ``none``."""
+def build_logger(cfg, save_dir: str | Path, run_name: str | None = None, config: dict | None = None,
+                 group: str | None = None):
+    """A Lightning logger from a LoggerConfig, or False for ``none``. ``group``: the W&B group when
+    ``logger.group`` is null (a Hydra multirun passes the sweep's name, see reporting.hydra_run_identity)."""
     save_dir = str(save_dir)
     if cfg.name == "none":
         return False
@@ -42,8 +44,12 @@ def build_logger(cfg, save_dir: str | Path, run_name: str | None = None, config:
     if mode != "online":
         log.info("W&B runs %s (no credentials found, or logger.mode=%s); `wandb sync` uploads it later",
                  mode, cfg.mode)
-    logger = WandbLogger(project=cfg.project, entity=cfg.entity, group=cfg.group, name=run_name, save_dir=save_dir,
-                         mode=mode, log_model=cfg.log_model)
+    import wandb
+
+    if wandb.run is not None:  # left open by an earlier run in this process (a failed multirun job): close it
+        wandb.finish()
+    logger = WandbLogger(project=cfg.project, entity=cfg.entity, group=cfg.group or group, name=run_name,
+                         save_dir=save_dir, mode=mode, log_model=cfg.log_model)
     if config:
         logger.log_hyperparams(config)
     return logger

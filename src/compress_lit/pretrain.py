@@ -20,6 +20,7 @@ from .data import build_datamodule
 from .loggers import build_logger
 from .methods import MoCoV2
 from .resume import resolve_resume
+from .reporting import HistoryCallback, end_of_run, hydra_run_identity
 from .safety import atomic_copy, check_writable
 from .evaluation.suite import evaluate_models, format_table
 from .train import CONF_DIR, USER_ERRORS, build_student, build_trainer, quiet_known_noise
@@ -43,8 +44,10 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
                     proj_hidden_dim=m.proj_hidden_dim, proj_dim=m.proj_dim, bn_splits=m.bn_splits,
                     config=OmegaConf.to_container(cfg, resolve=True))
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    logger = build_logger(cfg.logger, run_dir, cfg.run_name, resolved)
-    trainer = build_trainer(cfg, run_dir, logger)
+    group, job_name = hydra_run_identity()  # multirun: W&B group = the sweep, run name = the job's overrides
+    logger = build_logger(cfg.logger, run_dir, cfg.run_name or job_name, resolved, group=group)
+    history = HistoryCallback()
+    trainer = build_trainer(cfg, run_dir, logger, callbacks=[history])
     trainer.fit(module, datamodule=dm, ckpt_path=resolve_resume(cfg.resume, run_dir), weights_only=False)
     last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.output and trainer.is_global_zero:
@@ -57,6 +60,9 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
         print(f"\nTop-1 (%) on the held-out {cfg.data.name} split\n{format_table(results, cfg.eval.cluster_seeds)}\n",
               flush=True)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if trainer.is_global_zero:  # learning curves, results to the logger (W&B: summary, table, images)
+        end_of_run(logger, run_dir, results, history.rows,
+                   title=f"MoCo v2 pretraining of {cfg.student.name} on {cfg.data.name}")
     return results
 
 

@@ -32,6 +32,7 @@ from .loggers import build_logger
 from .methods import CompReSS, DistillationModule
 from .methods.baselines import CRD, ClusterClassification, Regression, Supervised
 from .models import build_backbone
+from .reporting import HistoryCallback, end_of_run, hydra_run_identity, rich_progress_bar
 from .resume import resolve_resume
 from .safety import AtomicCheckpointIO, StartupError, check_writable
 from .teacher import TeacherLoadError, build_teacher
@@ -200,6 +201,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()) -> pl.Tr
                            save_on_train_epoch_end=True)
     kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
     kwargs.setdefault("max_epochs", cfg.optim.epochs)
+    bar = rich_progress_bar() if kwargs.get("enable_progress_bar", True) else None  # None: Lightning's default
+    callbacks += [bar] if bar is not None else []
     try:
         return pl.Trainer(default_root_dir=str(run_dir), logger=logger, callbacks=[ckpt, *callbacks],
                           plugins=[AtomicCheckpointIO()], **kwargs)
@@ -230,8 +233,10 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.perf.compile:
         module.student.compile()
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    logger = build_logger(cfg.logger, run_dir, cfg.run_name, resolved)
-    trainer = build_trainer(cfg, run_dir, logger)
+    group, job_name = hydra_run_identity()  # multirun: W&B group = the sweep, run name = the job's overrides
+    logger = build_logger(cfg.logger, run_dir, cfg.run_name or job_name, resolved, group=group)
+    history = HistoryCallback()
+    trainer = build_trainer(cfg, run_dir, logger, callbacks=[history])
     ckpt_path = resolve_resume(cfg.resume, run_dir)
     # our own checkpoints hold RNG states (numpy arrays) besides tensors: trusted, so not weights-only
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=False)
@@ -254,8 +259,10 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
               f"linear probe on the {dm.num_train} train images)\n{format_table(results, cfg.eval.cluster_seeds)}\n",
               flush=True)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-        if logger:
-            trainer.logger.log_metrics({f"eval/{m}/{k}": v for m, row in results.items() for k, v in row.items()})
+    if trainer.is_global_zero:  # pictures, learning curves, results to the logger (W&B: summary, table, images)
+        end_of_run(logger, run_dir, results, history.rows, pictures_of=module.student if results else None, dm=dm,
+                   device=module.device, eval_cfg=cfg.eval, seed=cfg.seed,
+                   title=f"student ({cfg.method.name}) of teacher {cfg.teacher.name} on {cfg.data.name}")
     return results
 
 
