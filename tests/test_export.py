@@ -164,6 +164,22 @@ def test_both_onnx_exporters(ckpts, tmp_path, exporter):
     assert ("torch.export-based" if exporter == "dynamo" else "legacy") in rep["exporter"]
 
 
+def test_adaptive_pools_are_exported_as_plain_pools_with_the_same_windows(tmp_path):
+    """ONNX has no adaptive max pool: AlexNet's pool5 (6x6 from 13x13) becomes MaxPool2d(3, stride 2)."""
+    from compress_lit.export import _uniform_windows, export_onnx, load_runtime
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveMaxPool2d(6), torch.nn.Flatten()).eval()
+    _, notes = export_onnx(net, torch.randn(1, 3, 15, 15), tmp_path / "p.onnx", exporter="legacy")
+    assert len(notes) == 1 and "1: AdaptiveMaxPool2d(6x6) on 13x13" in notes[0] and "stride 2x2" in notes[0]
+    x = torch.randn(3, 3, 15, 15)
+    with torch.no_grad():
+        assert torch.allclose(load_runtime("onnx", tmp_path / "p.onnx", 1)(x), net(x), atol=1e-6)
+    assert _uniform_windows(13, 6) == (3, 2) and _uniform_windows(7, 2) == (4, 3) and _uniform_windows(5, 1) == (5, 5)
+    assert _uniform_windows(10, 4) is None  # windows 3, 3, 3, 3 at starts 0, 2, 5, 7: no plain pooling
+    with pytest.raises(ExportError, match="legacy ONNX exporter failed"):
+        export_onnx(torch.nn.AdaptiveMaxPool2d(4), torch.randn(1, 3, 10, 10), tmp_path / "q.onnx", exporter="legacy")
+
+
 def test_flops_per_image_counts_the_convolutions(ckpts, tmp_path):
     """A hand count for a one-conv network: 2 * MACs (what FlopCounterMode reports) per image."""
     from compress_lit.export import count_flops
