@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench reproduce reproduce-quick clean
+.PHONY: install demo test bench reproduce reproduce-ablation reproduce-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ bench: install
 
 reproduce: install
 	$(PY) -m compress_lit.reproduce
+
+reproduce-ablation: install
+	$(PY) -m compress_lit.reproduce ablation.enabled=true
 
 reproduce-quick: install
 	$(PY) -m compress_lit.reproduce reproduce_preset=quick

@@ -26,3 +26,82 @@ def test_aggregate_mean_and_sample_std_over_seeds():
     md = markdown_table({"resnet18_small": aggregate(rows)},
                         {"data": "fashion_mnist", "command": "c", "teacher": "t", "student_args": "s", "seeds": [0, 1]})
     assert "| CompReSS-2q | 85.00 ± 1.41 | 85.00 ± 0.00 | 52.00 ± 2.83 | 86.00 ± 0.00 | 2 |" in md
+
+
+def _preset(name="full", **over):
+    from hydra import compose, initialize_config_dir
+
+    from compress_lit.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="reproduce", overrides=[f"reproduce_preset={name}",
+                                                           *[f"{k}={v}" for k, v in over.items()]])
+
+
+def test_cached_methods_read_the_teacher_cache_and_the_others_do_not():
+    from pathlib import Path
+
+    from compress_lit.reproduce import step_command
+
+    cfg = _preset()
+    ckpt = Path("results/teacher/full_teacher.ckpt")
+    for method in ("regression", "regression_bn", "crd", "compress_2q", "compress_1q"):
+        module, args = step_command(cfg, "alexnet_small", method, 0, ckpt)
+        assert module == "compress_lit.train" and "teacher.cached=true" in args, method
+    for method in ("cc", "supervised"):  # CC runs the teacher once for its k-means; supervised needs no teacher
+        module, args = step_command(cfg, "alexnet_small", method, 0, ckpt)
+        assert module == "compress_lit.train" and not any(a.startswith("teacher.cached") for a in args), method
+    module, args = step_command(cfg, "alexnet_small", "moco_scratch", 1, ckpt)
+    assert module == "compress_lit.pretrain" and "seed=1" in args and not any(a.startswith("teacher") for a in args)
+
+
+def test_ablation_points_vary_one_setting_at_a_time_and_share_the_centre_with_the_table():
+    from pathlib import Path
+
+    from compress_lit.reproduce import ablation_points, step_command
+
+    cfg = _preset()
+    ab = cfg.ablation
+    pts = ablation_points(ab)
+    assert pts[0] == ("centre", {})
+    assert [c for k, c in pts if k == "temperature"] == [{"temperature": t} for t in (0.02, 0.07, 0.1)]
+    assert [c for k, c in pts if k == "queue_size"] == [{"queue_size": q} for q in (1024, 2048, 8192)]
+    ckpt = Path("t.ckpt")
+    _, args = step_command(cfg, ab.student, ab.method, 0, ckpt, ("method.temperature=0.1",))
+    assert args[-1] == "method.temperature=0.1"  # last, so it wins over the preset's values
+
+
+def test_a_step_is_reused_under_another_tag(tmp_path, capsys):
+    args = ["method=compress_2q", "seed=0"]
+    done = tmp_path / f"alexnet_small-compress_2q-s0-{_hash(['compress_lit.train', *args])}"
+    done.mkdir()
+    (done / "results.json").write_text(json.dumps({"student (x)": {"1-NN": 70.0}}))
+    got_dir, res = _run_step("compress_lit.train", args, tmp_path, "ablation-centre", dry=False)
+    assert got_dir == done and res["student (x)"]["1-NN"] == 70.0
+
+
+def test_ablation_table_layout(tmp_path, monkeypatch):
+    """run_ablation on finished runs: rows sorted by value, the centre in both tables, mean ± std over seeds."""
+    from pathlib import Path
+
+    from compress_lit import reproduce as rp
+
+    cfg = _preset(out_dir=str(tmp_path), **{"ablation.seeds": "[0,1]", "ablation.temperatures": "[0.1,0.04]",
+                                            "ablation.queue_sizes": "[4096,1024]"})
+    scores = {("0.04", "4096"): 80.0, ("0.1", "4096"): 70.0, ("0.04", "1024"): 75.0}
+
+    def fake_step(module, args, runs, tag, dry):
+        t = next((a.split("=")[1] for a in args if a.startswith("method.temperature=")), "0.04")
+        q = [a.split("=")[1] for a in args if a.startswith("method.queue_size=")][-1]
+        seed = int(next(a.split("=")[1] for a in args if a.startswith("seed=")))
+        v = scores[(t, q)] + seed  # seeds 0, 1 -> mean +0.5, std sqrt(0.5)
+        return runs / tag, {"student": {m: v for m in rp.METRICS}}
+
+    monkeypatch.setattr(rp, "_run_step", fake_step)
+    table = rp.run_ablation(cfg, tmp_path, Path("t.ckpt"), tmp_path)
+    temp, queue = table.values()
+    assert list(temp) == ["T=0.04", "T=0.1"] and list(queue) == ["queue=1024", "queue=4096"]
+    assert temp["T=0.04"]["1-NN"][:2] == [80.5, math.sqrt(0.5)] and queue["queue=4096"] == temp["T=0.04"]
+    assert queue["queue=1024"]["1-NN"][0] == 75.5
+    md = (tmp_path / "ablation_fashion_mnist.md").read_text()
+    assert "| T=0.1 | 70.50 ± 0.71 |" in md and "| queue=1024 | 75.50 ± 0.71 |" in md

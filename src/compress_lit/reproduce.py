@@ -34,6 +34,20 @@ METHOD_LABELS = {"moco_scratch": "MoCo from scratch", "supervised": "supervised"
 
 
 @dataclass
+class AblationConfig:
+    """``ablation.enabled=true``: after the table, the temperature and queue-size ablations of ``method`` on
+    ``student`` (each value varied with the other at its centre)."""
+    enabled: bool = False
+    student: str = "alexnet_small"
+    method: str = "compress_2q"
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    temperature: float = 0.04  # the centre: the main table's setting
+    queue_size: int = 4096
+    temperatures: list[float] = field(default_factory=lambda: [0.02, 0.04, 0.07, 0.1])
+    queue_sizes: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
+
+
+@dataclass
 class ReproduceConfig:
     name: str = MISSING  # preset name, used in the output file names
     out_dir: str = "results"
@@ -46,6 +60,11 @@ class ReproduceConfig:
     common_args: list[str] = field(default_factory=list)  # every student run (data, epochs, eval)
     scratch_args: list[str] = field(default_factory=list)  # MoCo-from-scratch runs only
     train_args: list[str] = field(default_factory=list)  # distillation / supervised runs only
+    # methods that run the teacher at every step read it from the K-view feature cache instead (teacher_cache.py):
+    # the cache is built once (by the first such run) and shared by every student, seed and method
+    cached_methods: list[str] = field(default_factory=list)
+    cache_args: list[str] = field(default_factory=list)  # the teacher.cached=... overrides for those runs
+    ablation: AblationConfig = field(default_factory=AblationConfig)
     dry_run: bool = False  # print the commands only
 
 
@@ -57,8 +76,12 @@ def _hash(args: list[str]) -> str:
 
 
 def _run_step(module: str, args: list[str], runs: Path, tag: str, dry: bool) -> tuple[Path, dict | None]:
-    run_dir = runs / f"{tag}-{_hash([module, *args])}"
+    key = _hash([module, *args])
+    run_dir = runs / f"{tag}-{key}"
     done = run_dir / "results.json"
+    if not done.exists():  # the same command under another tag (the ablation's centre is a table run)
+        done = next(iter(sorted(runs.glob(f"*-{key}/results.json"))), done)
+        run_dir = done.parent
     if done.exists():
         print(f"[reproduce] {tag}: reusing {run_dir}", flush=True)
         return run_dir, json.loads(done.read_text())
@@ -126,6 +149,73 @@ def bar_chart(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def step_command(cfg: DictConfig, student: str, method: str, seed: int, teacher_ckpt: Path,
+                 extra: tuple[str, ...] = ()) -> tuple[str, list[str]]:
+    """The module and overrides of one student run; ``extra`` overrides come last (the ablations' changes)."""
+    if method == "moco_scratch":  # MoCo v2 from scratch on the student: the pretraining entry point
+        return "compress_lit.pretrain", [f"student={student}", f"seed={seed}", *cfg.common_args, *cfg.scratch_args,
+                                         *extra]
+    args = [*cfg.teacher_overrides, f"teacher.checkpoint={teacher_ckpt}", "teacher.pretrain_if_missing=false",
+            f"student={student}", f"method={method}", f"seed={seed}", *cfg.common_args, *cfg.train_args,
+            "eval.include_teacher=false", "eval.random_baseline=false"]
+    if method in cfg.cached_methods:
+        args += list(cfg.cache_args)
+    return "compress_lit.train", [*args, *extra]
+
+
+def ablation_points(ab: DictConfig) -> list[tuple[str, dict[str, float]]]:
+    """The ablation's settings: the centre, then each temperature and each queue size with the other at its centre
+    value. Each point's overrides name only what differs from the centre, so the centre point is the main table's
+    run (same command line, reused)."""
+    centre = {"temperature": float(ab.temperature), "queue_size": int(ab.queue_size)}
+    points = [("centre", {})]
+    for t in ab.temperatures:
+        if float(t) != centre["temperature"]:
+            points.append(("temperature", {"temperature": float(t)}))
+    for q in ab.queue_sizes:
+        if int(q) != centre["queue_size"]:
+            points.append(("queue_size", {"queue_size": int(q)}))
+    return points
+
+
+def run_ablation(cfg: DictConfig, runs: Path, teacher_ckpt: Path, out: Path) -> dict:
+    """Temperature and queue-size ablations of one method on one student (PAPER.md's ablation tables), written to
+    ``<out_dir>/ablation_<data>.md`` / ``.json``: rows ``T=...`` (queue at its centre) and ``queue=...`` (T at its
+    centre), mean ± std over the seeds."""
+    ab = cfg.ablation
+    centre = {"temperature": float(ab.temperature), "queue_size": int(ab.queue_size)}
+    rows: dict[str, dict[str, list]] = {"temperature": {}, "queue_size": {}}
+    for kind, change in ablation_points(ab):
+        setting = {**centre, **change}
+        extra = tuple(f"method.{k}={v}" for k, v in change.items())
+        results = []
+        for seed in ab.seeds:
+            module, args = step_command(cfg, ab.student, ab.method, seed, teacher_ckpt, extra)
+            tag = f"ablation-{ab.student}-{ab.method}-" + "-".join(f"{k}{v}" for k, v in setting.items()) + f"-s{seed}"
+            _, res = _run_step(module, args, runs, tag, cfg.dry_run)
+            if res:
+                results.append(_row(res))
+        for k in ("temperature", "queue_size") if kind == "centre" else (kind,):
+            label = f"T={setting['temperature']:g}" if k == "temperature" else f"queue={setting['queue_size']}"
+            rows[k][label] = results
+    if cfg.dry_run:
+        return {}
+    table = {f"{METHOD_LABELS.get(ab.method, ab.method)} on {ab.student}: temperature (queue {centre['queue_size']})":
+             aggregate(dict(sorted(rows["temperature"].items(), key=lambda kv: float(kv[0][2:])))),
+             f"{METHOD_LABELS.get(ab.method, ab.method)} on {ab.student}: queue size (T {centre['temperature']:g})":
+             aggregate(dict(sorted(rows["queue_size"].items(), key=lambda kv: int(kv[0][6:]))))}
+    meta = {"data": cfg.data_name,
+            "command": f"python -m compress_lit.reproduce reproduce_preset={cfg.name} ablation.enabled=true",
+            "teacher": " ".join(cfg.teacher_args), "student_args": " ".join(cfg.common_args),
+            "seeds": list(ab.seeds)}
+    stem = out / f"ablation_{cfg.data_name}" if cfg.name == "full" else out / f"ablation_{cfg.data_name}_{cfg.name}"
+    md = markdown_table(table, meta).replace("# CompReSS comparison", "# CompReSS ablations", 1)
+    Path(f"{stem}.md").write_text(md + "\n")
+    Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "table": table}, indent=2))
+    print(md, flush=True)
+    return table
+
+
 def run_reproduce(cfg: DictConfig) -> dict:
     out = Path(cfg.out_dir)
     runs = out / "runs"
@@ -145,20 +235,14 @@ def run_reproduce(cfg: DictConfig) -> dict:
             label = METHOD_LABELS.get(method, method)
             rows[label] = []
             for seed in cfg.seeds:
-                if method == "moco_scratch":
-                    args = [f"student={student}", f"seed={seed}", *cfg.common_args, *cfg.scratch_args]
-                    module = "compress_lit.pretrain"
-                else:
-                    args = [*cfg.teacher_overrides, f"teacher.checkpoint={teacher_ckpt}",
-                            "teacher.pretrain_if_missing=false", f"student={student}", f"method={method}",
-                            f"seed={seed}", *cfg.common_args, *cfg.train_args, "eval.include_teacher=false",
-                            "eval.random_baseline=false"]
-                    module = "compress_lit.train"
+                module, args = step_command(cfg, student, method, seed, teacher_ckpt)
                 _, res = _run_step(module, args, runs, f"{student}-{method}-s{seed}", cfg.dry_run)
                 if res:
                     rows[label].append(_row(res))
         table[student] = aggregate(rows)
     if cfg.dry_run:
+        if cfg.ablation.enabled:
+            run_ablation(cfg, runs, teacher_ckpt, out)
         return {}
     meta = {"data": cfg.data_name, "command": f"python -m compress_lit.reproduce reproduce_preset={cfg.name}",
             "teacher": " ".join(cfg.teacher_args), "student_args": " ".join(cfg.common_args),
@@ -168,6 +252,8 @@ def run_reproduce(cfg: DictConfig) -> dict:
     Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "table": table}, indent=2))
     bar_chart(table, Path(f"{stem}.png"))
     print(Path(f"{stem}.md").read_text(), flush=True)
+    if cfg.ablation.enabled:
+        run_ablation(cfg, runs, teacher_ckpt, out)
     return table
 
 
