@@ -149,3 +149,48 @@ def test_resuming_with_another_teacher_is_refused(tmp_path):
     other = make_module("compress_2q", teacher_seed=5)  # another random teacher
     with pytest.raises(RuntimeError, match="another teacher"):
         fit(other, 2, tmp_path, ckpt_path=tmp_path / "m.ckpt")
+
+
+@pytest.mark.parametrize("variant", ["compress_2q", "compress_1q"])
+def test_training_head_is_the_training_embedding_and_dropped_at_evaluation(variant, tmp_path):
+    """student.train_head_dim (PAPER.md: ResNet-50 student 2048 -> 8192 in training only): the queues and the 1q
+    projection live in the head's space, the momentum head is an EMA of the head, evaluation uses the backbone."""
+    from compress_lit.evaluation.loading import load_student_checkpoint
+
+    base = make_module(variant, momentum=0.9)
+    torch.manual_seed(0)
+    module = CompReSS(base.student, base.teacher, base.optim_cfg, queue_size=64, momentum=0.9,
+                      train_head_dim=48, **VARIANTS[variant],
+                      config={"student": {"arch": "resnet18", "small_input": True, "width_multiplier": 0.125}})
+    backbone_dim = module.student.embed_dim
+    assert module.student_dim == 48 != backbone_dim and module.train_head.in_features == backbone_dim
+    if variant == "compress_1q":
+        assert module.projection.in_features == 48 and module.train_head_momentum is None
+    else:
+        assert module.queues.bank("student").shape == (64, 48)
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(module.embed_student(x), module.train_head(module.student(x)))
+    if variant == "compress_2q":  # the student queue receives the momentum head's keys
+        with torch.no_grad():
+            keys = torch.nn.functional.normalize(module.train_head_momentum(module.student_momentum(x)), dim=1)
+        loss, _ = module.distill(x, module.embed_student(x), module.teacher(x))
+        loss.backward()
+        module.on_train_batch_end(None, None, 0)
+        torch.testing.assert_close(module.queues.bank("student")[:4], keys)
+    head0 = copy.deepcopy(module.train_head)
+    mom0 = copy.deepcopy(module.train_head_momentum)
+    module.zero_grad()
+    trainer = fit(module, 1, tmp_path)
+    assert not torch.equal(head0.weight, module.train_head.weight)  # the head is trained
+    if mom0 is not None:
+        for p_m, p_old, p_h in zip(module.train_head_momentum.parameters(), mom0.parameters(),
+                                   module.train_head.parameters()):
+            torch.testing.assert_close(p_m, 0.9 * p_old + 0.1 * p_h.detach())
+    module.eval()
+    assert module(x).shape == (4, backbone_dim)  # evaluation / export: the backbone alone
+    path = tmp_path / "h.ckpt"
+    trainer.save_checkpoint(path)
+    sd = torch.load(path, weights_only=False)["state_dict"]
+    assert "train_head.weight" in sd
+    loaded = load_student_checkpoint(path)  # strict: the head's keys are not the student's
+    torch.testing.assert_close(loaded.model(x), module.student.eval()(x))

@@ -51,7 +51,22 @@ def test_preset_modules_instantiate_and_run(preset, method):
     teacher = FrozenTeacher(build_backbone(cfg.teacher.arch, small_input=cfg.teacher.small_input))
     module = build_method(cfg, build_student(cfg.student), teacher)
     x = torch.randn(2, 3, 96, 96)
-    loss, _ = module.distill(x, module.student(x), module.teacher_targets(x, torch.arange(2)))
+    loss, _ = module.distill(x, module.embed_student(x), module.teacher_targets(x, torch.arange(2)))
     assert torch.isfinite(loss)
     expected = {"resnet50x4": 8192, "resnet50": 2048}[cfg.teacher.arch]
     assert module.teacher_dim == expected
+
+
+def test_resnet50_student_has_the_papers_training_head():
+    """SimCLR R50x4 -> ResNet-50: the 2048 -> 8192 layer exists in training only; 1q maps 8192 -> 8192 (the official
+    1q script crashed here: its head was replaced by a layer of the wrong input size)."""
+    cfg = _cfg("simclr_r50x4_to_resnet50", "method=compress_1q", "method.queue_size=16")
+    assert cfg.student.train_head_dim == 8192
+    teacher = FrozenTeacher(build_backbone("resnet50x4"))
+    module = build_method(cfg, build_student(cfg.student), teacher)
+    assert (module.train_head.in_features, module.train_head.out_features) == (2048, 8192)
+    assert (module.projection.in_features, module.projection.out_features) == (8192, 8192)
+    x = torch.randn(2, 3, 64, 64)
+    assert module(x).shape == (2, 2048)
+    loss, _ = module.distill(x, module.embed_student(x), module.teacher_targets(x, torch.arange(2)))
+    assert torch.isfinite(loss)

@@ -73,3 +73,43 @@ def test_sigkill_mid_epoch_then_resume_auto_equals_uninterrupted_run(tmp_path):
     assert a["global_step"] == b["global_step"] == 96
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_slurm_requeue_signal_saves_requeues_and_the_requeued_job_continues(tmp_path):
+    """SLURM preemption through Lightning's SLURM environment: SIGUSR1 saves ``hpc_ckpt_1.ckpt`` into the run dir
+    and calls ``scontrol requeue <job id>`` (a stand-in ``scontrol`` records it); SLURM then kills the job; the
+    requeued job (the same command in the same run dir, ``resume=auto``) continues from that checkpoint."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "scontrol_calls.txt"
+    scontrol = bindir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    scontrol.chmod(0o755)
+    env = dict(_env(tmp_path), PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", SLURM_NTASKS="1",
+               SLURM_JOB_NAME="compress", SLURM_JOB_ID="4242", SLURM_PROCID="0", SLURM_LOCALID="0",
+               SLURM_NODEID="0", SLURM_NODELIST="localhost")
+    run_dir = tmp_path / "runs" / "x" / "job"
+    proc = subprocess.Popen(_cmd(run_dir, "resume=auto"), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and max(_step_losses(run_dir) or {0: 0}) < 40:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the signal"
+    os.kill(proc.pid, signal.SIGUSR1)  # what SLURM sends before a preemption / time limit (--signal=SIGUSR1@90)
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    while time.time() < deadline and not (calls.exists() and hpc.exists()):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)  # SLURM ends the job
+    proc.wait()
+    assert calls.read_text().split() == ["requeue", "4242"]
+    saved = torch.load(hpc, weights_only=False)
+    assert 40 <= saved["global_step"] < 96 and "queues.ptr" in saved["state_dict"]
+
+    requeued = subprocess.run(_cmd(run_dir, "resume=auto"), cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    out = requeued.stdout + requeued.stderr
+    assert f"resume=auto: resuming from {hpc}" in out
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["global_step"] == 96 and final["epoch"] == 2

@@ -49,6 +49,9 @@ class StudentConfig:
     small_input: bool = False
     width_multiplier: Optional[float] = None
     fc_dim: Optional[int] = None  # AlexNet only: width of fc6/fc7
+    # a linear layer embedding -> train_head_dim used only in training (PAPER.md: ResNet-50 student 2048 -> 8192);
+    # dropped at evaluation and export
+    train_head_dim: Optional[int] = None
 
 
 @dataclass
@@ -272,7 +275,7 @@ def validate_train(cfg: DictConfig) -> None:
     _one_of(cfg, "teacher.format", TEACHER_FORMATS)
     _one_of(cfg, "method.queue_dtype", ("float32", "float16", "bfloat16"))
     for key in ("method.crd_dim", "method.crd_negatives", "method.crd_temperature", "method.cc_clusters",
-                "method.cc_kmeans_iters"):
+                "method.cc_kmeans_iters", "student.train_head_dim"):
         _positive(cfg, key)
     crd_m = OmegaConf.select(cfg, "method.crd_memory_momentum", default=0.5)
     if not 0 <= crd_m < 1:

@@ -1,9 +1,11 @@
 """Which checkpoint a run resumes from: ``resume=null`` (none), a ``.ckpt`` path, a run dir, or ``auto``.
 
-``auto`` looks through earlier Hydra run dirs beside this one (``outputs/<date>/<time>`` or a multirun's
-``multirun/<date>/<time>/<n>``) for the newest ``checkpoints/last.ckpt`` whose saved config
-(``.hydra/config.yaml``) equals this run's, the ``resume`` key aside, so a re-launched job continues its own run
-and never another's.
+``auto`` first looks in this run's own directory: a job that SLURM requeued into the same directory finds the
+checkpoint Lightning saved when the requeue signal came (``hpc_ckpt_<n>.ckpt``, written mid-epoch on SIGUSR1) or
+its ``checkpoints/last.ckpt``, and continues from the newer of them. Otherwise it looks through earlier Hydra run
+dirs beside this one (``outputs/<date>/<time>`` or a multirun's ``multirun/<date>/<time>/<n>``) for the newest
+``checkpoints/last.ckpt`` whose saved config (``.hydra/config.yaml``) equals this run's, the ``resume`` key aside,
+so a re-launched job continues its own run and never another's.
 """
 from __future__ import annotations
 
@@ -43,11 +45,22 @@ def find_auto_checkpoint(run_dir: Path) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
+def own_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint already in this run's directory (a requeued job): Lightning's ``hpc_ckpt_*.ckpt``
+    (saved on the SLURM requeue signal) or ``checkpoints/last.ckpt``."""
+    found = [*run_dir.glob("hpc_ckpt_*.ckpt"), *(run_dir / "checkpoints").glob("last.ckpt")]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
 def resolve_resume(resume: str | None, run_dir: str | Path) -> str | None:
     if not resume:
         return None
     run_dir = Path(run_dir)
     if resume == "auto":
+        own = own_checkpoint(run_dir)
+        if own is not None:
+            log.info("resume=auto: resuming from %s (this run directory's own checkpoint: a requeued job)", own)
+            return str(own)
         found = find_auto_checkpoint(run_dir)
         if found is None:
             log.info("resume=auto: no earlier run with this config has a checkpoint; starting fresh")

@@ -69,7 +69,7 @@ def _compress(cfg, student, teacher, dm, config):
     return CompReSS(student, teacher, cfg.optim, queue_size=m.queue_size, temperature=m.temperature,
                     student_temperature=m.student_temperature, momentum=m.momentum,
                     use_momentum_encoder=m.use_momentum_encoder, one_queue=m.one_queue,
-                    queue_dtype=m.queue_dtype, config=config)
+                    queue_dtype=m.queue_dtype, config=config, train_head_dim=cfg.student.train_head_dim)
 
 
 def _need_dm(dm, method: str):
@@ -79,26 +79,28 @@ def _need_dm(dm, method: str):
 
 
 def _regression(cfg, student, teacher, dm, config):
-    return Regression(student, teacher, cfg.optim, bn=cfg.method.name == "regression_bn", config=config)
+    return Regression(student, teacher, cfg.optim, bn=cfg.method.name == "regression_bn", config=config,
+                      train_head_dim=cfg.student.train_head_dim)
 
 
 def _crd(cfg, student, teacher, dm, config):
     m = cfg.method
     return CRD(student, teacher, cfg.optim, num_samples=_need_dm(dm, m.name).num_train, dim=m.crd_dim,
                num_negatives=m.crd_negatives, temperature=m.crd_temperature,
-               memory_momentum=m.crd_memory_momentum, config=config)
+               memory_momentum=m.crd_memory_momentum, config=config, train_head_dim=cfg.student.train_head_dim)
 
 
 def _cc(cfg, student, teacher, dm, config):
     m, dm = cfg.method, _need_dm(dm, cfg.method.name)
     k = m.cc_clusters if m.cc_clusters is not None else min(10 * dm.num_classes, dm.num_train)
     return ClusterClassification(student, teacher, cfg.optim, num_samples=dm.num_train, num_clusters=k,
-                                 kmeans_iters=m.cc_kmeans_iters, kmeans_seed=cfg.seed, config=config)
+                                 kmeans_iters=m.cc_kmeans_iters, kmeans_seed=cfg.seed, config=config,
+                                 train_head_dim=cfg.student.train_head_dim)
 
 
 def _supervised(cfg, student, teacher, dm, config):
     return Supervised(student, teacher, cfg.optim, num_classes=_need_dm(dm, cfg.method.name).num_classes,
-                      config=config)
+                      config=config, train_head_dim=cfg.student.train_head_dim)
 
 
 # method.name -> constructor(cfg, student, teacher, datamodule, resolved config)

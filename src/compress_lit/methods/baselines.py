@@ -57,8 +57,9 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 class Regression(DistillationModule):
     def __init__(self, student: nn.Module, teacher: nn.Module, optim, *, bn: bool = False,
-                 config: dict | None = None):
-        super().__init__(student, teacher, optim, config)
+                 config: dict | None = None,
+                 train_head_dim: int | None = None):
+        super().__init__(student, teacher, optim, config, train_head_dim)
         self.bn = bn
         layers = [nn.Linear(self.student_dim, self.teacher_dim)]
         if bn:
@@ -95,8 +96,9 @@ def sample_negative_indices(index: torch.Tensor, num_samples: int, k: int,
 class CRD(DistillationModule):
     def __init__(self, student: nn.Module, teacher: nn.Module, optim, *, num_samples: int, dim: int = 128,
                  num_negatives: int = 16384, temperature: float = 0.07, memory_momentum: float = 0.5,
-                 generator: Optional[torch.Generator] = None, config: dict | None = None):
-        super().__init__(student, teacher, optim, config)
+                 generator: Optional[torch.Generator] = None, config: dict | None = None,
+                 train_head_dim: int | None = None):
+        super().__init__(student, teacher, optim, config, train_head_dim)
         if num_samples < 2:
             raise ValueError(f"CRD needs at least 2 training samples (negatives exclude the own index), got "
                              f"{num_samples}")
@@ -172,8 +174,9 @@ class ClusterClassification(DistillationModule):
     needs_teacher = False  # the teacher only serves the one-off k-means
 
     def __init__(self, student: nn.Module, teacher: nn.Module, optim, *, num_samples: int, num_clusters: int,
-                 kmeans_iters: int = 20, kmeans_seed: int = 0, config: dict | None = None):
-        super().__init__(student, teacher, optim, config)
+                 kmeans_iters: int = 20, kmeans_seed: int = 0, config: dict | None = None,
+                 train_head_dim: int | None = None):
+        super().__init__(student, teacher, optim, config, train_head_dim)
         if not 0 < num_clusters <= num_samples:
             raise ValueError(f"cluster classification needs 0 < k <= number of training samples, got "
                              f"k={num_clusters} for {num_samples} samples (method.cc_clusters)")
@@ -246,8 +249,9 @@ class Supervised(DistillationModule):
     needs_teacher = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module, optim, *, num_classes: int,
-                 config: dict | None = None):
-        super().__init__(student, teacher, optim, config)
+                 config: dict | None = None,
+                 train_head_dim: int | None = None):
+        super().__init__(student, teacher, optim, config, train_head_dim)
         self.num_classes = int(num_classes)
         self.classifier = nn.Linear(self.student_dim, num_classes)
 

@@ -22,8 +22,8 @@ class CompReSS(DistillationModule):
     def __init__(self, student: nn.Module, teacher: nn.Module, optim, *, queue_size: int = 128_000,
                  temperature: float = 0.04, student_temperature: float | None = None, momentum: float = 0.999,
                  use_momentum_encoder: bool = True, one_queue: bool = False, queue_dtype: str = "float32",
-                 config: dict | None = None):
-        super().__init__(student, teacher, optim, config)
+                 config: dict | None = None, train_head_dim: int | None = None):
+        super().__init__(student, teacher, optim, config, train_head_dim)
         if one_queue and use_momentum_encoder:
             raise ValueError("1q has no student queue, so no momentum encoder")
         self.temperature = temperature
@@ -38,6 +38,9 @@ class CompReSS(DistillationModule):
             banks = {"teacher": self.teacher_dim, "student": self.student_dim}
         self.queues = AnchorQueue(queue_size, banks, dtype=queue_dtype)
         self.student_momentum = make_momentum_copy(student) if use_momentum_encoder else None
+        # the training head's momentum copy: the student queue holds keys in the head's space
+        self.train_head_momentum = (make_momentum_copy(self.train_head)
+                                    if use_momentum_encoder and self.train_head is not None else None)
         self._last_ema_step = -1
 
     def extra_modules(self):
@@ -56,6 +59,8 @@ class CompReSS(DistillationModule):
             if self.student_momentum is not None:
                 with torch.no_grad():
                     keys = self.student_momentum(x)
+                    if self.train_head_momentum is not None:
+                        keys = self.train_head_momentum(keys)
             else:
                 keys = student_emb.detach()
             q.stage(teacher=self.gather(l2n(teacher_emb)), student=self.gather(l2n(keys)))
@@ -66,4 +71,6 @@ class CompReSS(DistillationModule):
         # EMA once per optimiser step (correct under gradient accumulation)
         if self.student_momentum is not None and self.global_step > self._last_ema_step:
             ema_update(self.student_momentum, self.student, self.momentum)
+            if self.train_head_momentum is not None:
+                ema_update(self.train_head_momentum, self.train_head, self.momentum)
             self._last_ema_step = self.global_step

@@ -7,6 +7,11 @@ method that learns without the teacher (the supervised and cluster-classificatio
 ``needs_teacher = False`` and receives ``teacher_emb=None``: the teacher is never run. Everything else — the teacher
 forward under no-grad, keeping the teacher frozen and in eval mode, gathering across processes, the optimiser and
 schedule, keeping the teacher's weights out of checkpoints (they come from the teacher's own file) — is here.
+
+``train_head_dim``: a linear layer from the student's embedding to ``train_head_dim`` that exists only in
+training (PAPER.md: the ResNet-50 student's 2048→8192 layer). Every method then sees the head's output as the
+student embedding (``student_dim`` is the head's width); evaluation, export and ``forward`` use the backbone
+alone, and the checkpoint keeps the head under ``train_head.*`` (evaluation loads only ``student.*``).
 """
 from __future__ import annotations
 
@@ -29,14 +34,18 @@ class DistillationModule(pl.LightningModule):
     #: False: ``training_step`` never runs the teacher and passes ``teacher_emb=None`` to ``distill``
     needs_teacher: bool = True
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, optim: Any, config: dict | None = None):
+    def __init__(self, student: nn.Module, teacher: nn.Module, optim: Any, config: dict | None = None,
+                 train_head_dim: int | None = None):
         super().__init__()
         self.student = student
         self.teacher = teacher
         self.optim_cfg = optim
         self.save_hyperparameters({"config": config or {}})
         self.channels_last = False  # set by `use_channels_last()`
-        self.student_dim = int(student.embed_dim)
+        if train_head_dim is not None and int(train_head_dim) <= 0:
+            raise ValueError(f"student.train_head_dim must be a positive width or null, got {train_head_dim}")
+        self.train_head = nn.Linear(int(student.embed_dim), int(train_head_dim)) if train_head_dim else None
+        self.student_dim = int(train_head_dim) if train_head_dim else int(student.embed_dim)
         self.teacher_dim = int(teacher.embed_dim)
 
     # ---- pieces subclasses provide ---------------------------------------------------------------------------
@@ -75,13 +84,18 @@ class DistillationModule(pl.LightningModule):
         return batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The student's embedding: what every evaluation uses (no projection head)."""
+        """The student's embedding: what every evaluation uses (no projection head, no training head)."""
         return self.student(x)
+
+    def embed_student(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's embedding in training: the backbone, then the training head when there is one."""
+        e = self.student(x)
+        return self.train_head(e) if self.train_head is not None else e
 
     def training_step(self, batch, batch_idx):
         x, labels, index, *view = batch  # a 4th element: the view k of a cached K-view teacher (SeededViews)
         teacher_emb = self.teacher_targets(x, index, *view) if self.needs_teacher else None
-        student_emb = self.student(x)
+        student_emb = self.embed_student(x)
         loss, logs = self.distill(x, student_emb, teacher_emb, labels=labels, index=index)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at global step {self.global_step} "
@@ -104,7 +118,7 @@ class DistillationModule(pl.LightningModule):
 
     def parameter_groups(self) -> list[dict]:
         params = list(self.student.parameters())
-        for m in self.extra_modules():
+        for m in [*([self.train_head] if self.train_head is not None else []), *self.extra_modules()]:
             params += list(m.parameters())
         return [{"name": "student", "params": params}]
 
