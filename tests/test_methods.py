@@ -169,11 +169,11 @@ def test_training_head_is_the_training_embedding_and_dropped_at_evaluation(varia
     else:
         assert module.queues.bank("student").shape == (64, 48)
     x = torch.randn(4, 3, 16, 16)
-    torch.testing.assert_close(module.embed_student(x), module.train_head(module.student(x)))
+    torch.testing.assert_close(module.training_embedding(x), module.train_head(module.student(x)))
     if variant == "compress_2q":  # the student queue receives the momentum head's keys
         with torch.no_grad():
             keys = torch.nn.functional.normalize(module.train_head_momentum(module.student_momentum(x)), dim=1)
-        loss, _ = module.distill(x, module.embed_student(x), module.teacher(x))
+        loss, _ = module.distill(x, module.training_embedding(x), module.teacher(x))
         loss.backward()
         module.on_train_batch_end(None, None, 0)
         torch.testing.assert_close(module.queues.bank("student")[:4], keys)

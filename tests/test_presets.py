@@ -51,7 +51,7 @@ def test_preset_modules_instantiate_and_run(preset, method):
     teacher = FrozenTeacher(build_backbone(cfg.teacher.arch, small_input=cfg.teacher.small_input))
     module = build_method(cfg, build_student(cfg.student), teacher)
     x = torch.randn(2, 3, 96, 96)
-    loss, _ = module.distill(x, module.embed_student(x), module.teacher_targets(x, torch.arange(2)))
+    loss, _ = module.distill(x, module.training_embedding(x), module.teacher_targets(x, torch.arange(2)))
     assert torch.isfinite(loss)
     expected = {"resnet50x4": 8192, "resnet50": 2048}[cfg.teacher.arch]
     assert module.teacher_dim == expected
@@ -68,5 +68,5 @@ def test_resnet50_student_has_the_papers_training_head():
     assert (module.projection.in_features, module.projection.out_features) == (8192, 8192)
     x = torch.randn(2, 3, 64, 64)
     assert module(x).shape == (2, 2048)
-    loss, _ = module.distill(x, module.embed_student(x), module.teacher_targets(x, torch.arange(2)))
+    loss, _ = module.distill(x, module.training_embedding(x), module.teacher_targets(x, torch.arange(2)))
     assert torch.isfinite(loss)

@@ -87,7 +87,7 @@ class DistillationModule(pl.LightningModule):
         """The student's embedding: what every evaluation uses (no projection head, no training head)."""
         return self.student(x)
 
-    def embed_student(self, x: torch.Tensor) -> torch.Tensor:
+    def training_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """The student's embedding in training: the backbone, then the training head when there is one."""
         e = self.student(x)
         return self.train_head(e) if self.train_head is not None else e
@@ -95,7 +95,7 @@ class DistillationModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, labels, index, *view = batch  # a 4th element: the view k of a cached K-view teacher (SeededViews)
         teacher_emb = self.teacher_targets(x, index, *view) if self.needs_teacher else None
-        student_emb = self.embed_student(x)
+        student_emb = self.training_embedding(x)
         loss, logs = self.distill(x, student_emb, teacher_emb, labels=labels, index=index)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at global step {self.global_step} "
