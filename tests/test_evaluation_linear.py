@@ -33,16 +33,24 @@ def test_standardisation_uses_train_statistics_only():
     z = F.normalize(tx, dim=1).double()
     mean, std = standardization_stats(tx)
     assert torch.allclose(mean.double(), z.mean(0), atol=1e-6)
-    assert torch.allclose(std.double(), z.std(0, unbiased=False), atol=1e-6)
+    # the official head's scale: 1 / sqrt(unbiased var + 1e-5), written out by hand
+    n = z.shape[0]
+    var = ((z - z.mean(0)) ** 2).sum(0) / (n - 1)
+    assert torch.allclose(std.double(), torch.sqrt(var + 1e-5), atol=1e-6)
     a = linear_probe_on_features(tx, ty, vx, vy, epochs=2)
     b = linear_probe_on_features(tx, ty, vx * 100 + 7, vy, epochs=2)  # very different test features
     assert torch.equal(a["mean"], b["mean"]) and torch.equal(a["std"], b["std"])
     assert torch.allclose(a["mean"], mean) and torch.equal(a["head"].mean, a["mean"])
-    # a constant dimension (std 0) is left unscaled rather than divided by zero
+    # a constant dimension (var 0: a dead ReLU unit) is scaled by 1/sqrt(1e-5) = 316, as the official head does
     tx2 = tx.clone()
     tx2[:, 3] = 0.0
     _, std2 = standardization_stats(tx2)
-    assert std2[3] == 1.0 and torch.isfinite(std2).all()
+    assert torch.isclose(1 / std2[3], torch.tensor(316.2278), rtol=1e-5) and torch.isfinite(std2).all()
+    # a rarely active unit (one sample in 50 at 1e-4 after normalisation): scale near 316, not 1/std ~ 7e4
+    tx3 = tx2.clone()
+    tx3[0, 3] = 1e-4 * tx3[0].norm()
+    _, std3 = standardization_stats(tx3)
+    assert 300 < 1 / float(std3[3]) < 316.3
 
 
 def test_separable_features_reach_99_percent_with_the_paper_schedule():

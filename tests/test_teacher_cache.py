@@ -210,8 +210,9 @@ def test_training_with_the_cached_teacher_never_runs_a_teacher_network(teacher_c
     missing, unexpected = online.load_state_dict(rec.state, strict=False)
     assert not unexpected and all(k.startswith("teacher.") for k in missing)
     online.train()
-    x, labels, index = rec.batch
+    x, labels, index, looked_up = rec.batch  # the cached rows travel with the batch (looked up on the host)
     targets = centre_crop_features(cfg, teacher, index).half().float()  # the cache stores float16
+    torch.testing.assert_close(looked_up, targets, rtol=0, atol=0)
     loss, _ = online.distill(x, online.student(x), targets, labels=labels, index=index)
     assert abs(loss.item() - rec.losses[0]) < 1e-4 * max(1.0, abs(rec.losses[0]))
 
@@ -276,8 +277,9 @@ def test_seeded_views_reproduce_the_cached_augmentation(teacher_ckpt, tmp_path):
         train_mod.run_train(tcfg, tmp_path / "run")
     finally:
         train_mod.eval_callbacks = orig
-    x, _, index, k = rec.batch
+    x, _, index, k, looked_up = rec.batch  # + the cached rows of view k, looked up on the host before transfer
     assert len(rec.losses) == 1 and k.shape == index.shape and int(k.max()) < 3
+    torch.testing.assert_close(looked_up, torch.as_tensor(feats[index, k]).float(), rtol=0, atol=0)
     for b in range(3):
         assert torch.equal(x[b], views.view(int(index[b]), int(k[b]))[0])
 

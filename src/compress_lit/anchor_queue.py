@@ -5,7 +5,8 @@ pointer, so slot ``i`` of every bank always holds the same image — the paper's
 student queues are written together. Contents and pointer are buffers, so they are moved by Lightning with the
 module and saved in (and restored from) checkpoints.
 
-``enqueue`` writes in place with at most two slice copies (the wrap-around), never cloning the queue. Because the
+``enqueue`` writes in place (one ``index_copy_`` of the batch into its slots, wrap-around included), never cloning
+the queue, and keeps the pointer arithmetic on the queue's device, so it never synchronises with the host. Because the
 similarities of a step keep a reference to the queue for their backward pass, a training step *stages* its keys
 with ``stage`` and the module commits them with ``flush`` after the backward (``on_train_batch_end``): the queue is
 never written while autograd still needs it, and no copy of it is made to allow that. Under DDP,
@@ -33,7 +34,7 @@ class AnchorQueue(nn.Module):
         self.size = int(size)
         self.bank_names = tuple(dims)
         for name, dim in dims.items():
-            # PAPER.md: initialised uniform in ±1/sqrt(d/3)
+            # docs/paper.md: initialised uniform in ±1/sqrt(d/3)
             bound = 1.0 / math.sqrt(dim / 3.0)
             self.register_buffer(f"bank_{name}", (torch.rand(size, dim) * 2 * bound - bound).to(dtype))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
@@ -60,15 +61,13 @@ class AnchorQueue(nn.Module):
         if n > self.size:  # only the newest `size` keys survive
             keys = {k: v[-self.size:] for k, v in keys.items()}
             n = self.size
-        ptr = int(self.ptr)
-        first = min(n, self.size - ptr)
+        # the slots ptr, ptr+1, ... (mod size), computed on the queue's device: the pointer is never read back
+        # to the host, so enqueueing never waits for the accelerator
+        slots = torch.remainder(self.ptr + torch.arange(n, device=self.ptr.device), self.size)
         for name, k in keys.items():
             bank = self.bank(name)
-            k = k.detach().to(bank.dtype)
-            bank[ptr:ptr + first].copy_(k[:first])
-            if first < n:
-                bank[: n - first].copy_(k[first:])
-        self.ptr.fill_((ptr + n) % self.size)
+            bank.index_copy_(0, slots, k.detach().to(bank.dtype))
+        self.ptr.copy_(torch.remainder(self.ptr + n, self.size))
         self.num_enqueued.add_(n)
 
     def stage(self, **keys: torch.Tensor) -> None:

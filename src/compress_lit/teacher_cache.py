@@ -1,5 +1,5 @@
 """The cached teacher: run the frozen teacher once over the training set, store its features by dataset index,
-and look them up during training instead of running the teacher (PAPER.md, "cached teacher").
+and look them up during training instead of running the teacher (docs/paper.md, "Cached teacher").
 
 The paper used the SimCLR ResNet-50x4 teacher only this way: the teacher sees the *centre crop* of each training
 image (the datamodule's evaluation transform: ``Resize(resize_size) + CenterCrop(image_size)`` for image folders,
@@ -589,6 +589,8 @@ class CachedFeatures(nn.Module):
             rows = self.features[rows_idx, v.numpy()]
         out = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
         device = index.device if torch.is_tensor(index) else torch.device("cpu")
+        if device.type == "cpu":  # training looks rows up on the host, before the batch goes to the GPU
+            return out.pin_memory() if torch.cuda.is_available() else out
         return out.to(device, non_blocking=True)
 
     def extra_repr(self) -> str:

@@ -1,8 +1,8 @@
 """The paper's linear probe on a frozen backbone.
 
 Head: L2-normalise -> fixed per-dimension standardisation ``(x - mean) / std`` with the mean/std of the
-L2-normalised **centre-crop train** features (computed once, before training, never from val; a dimension with
-zero std is left unscaled) -> ``Linear``. SGD lr 0.01, momentum 0.9, weight decay 1e-4, batch 256, 40 epochs, lr
+L2-normalised **centre-crop train** features (computed once, before training, never from val), where
+``std = sqrt(var + 1e-5)`` as in the official evaluation script -> ``Linear``. SGD lr 0.01, momentum 0.9, weight decay 1e-4, batch 256, 40 epochs, lr
 x0.1 at epochs 15 and 30 (all in :class:`~compress_lit.evaluation.settings.LinearProbeConfig`).
 
 * :class:`LinearProbe`: a LightningModule over the frozen backbone (kept in eval mode, no gradients), trained on
@@ -34,13 +34,14 @@ def _t(x, dtype=torch.float32) -> torch.Tensor:
     return (x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x))).to(dtype)
 
 
-def standardization_stats(train_feats, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std (population) per dimension of the L2-normalised train features; std <= eps becomes 1."""
+def standardization_stats(train_feats, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and scale per dimension of the L2-normalised train features, as the official linear evaluation's
+    fixed batch-norm layer has them: ``mean`` and ``sqrt(var + eps)`` with ``var`` the unbiased variance
+    (``torch.var_mean``) and ``eps = 1e-5``. A dimension that never varies (a dead ReLU unit) is scaled by
+    ``1/sqrt(eps)`` = 316, not blown up by ``1/std``."""
     z = F.normalize(_t(train_feats).flatten(1), dim=1).double()
-    mean = z.mean(0)
-    std = z.std(0, unbiased=False)
-    std = torch.where(std > eps, std, torch.ones_like(std))
-    return mean.float(), std.float()
+    var, mean = torch.var_mean(z, dim=0)
+    return mean.float(), torch.sqrt(var + eps).float()
 
 
 class LinearHead(nn.Module):

@@ -9,7 +9,7 @@ forward under no-grad, keeping the teacher frozen and in eval mode, gathering ac
 schedule, keeping the teacher's weights out of checkpoints (they come from the teacher's own file) — is here.
 
 ``train_head_dim``: a linear layer from the student's embedding to ``train_head_dim`` that exists only in
-training (PAPER.md: the ResNet-50 student's 2048→8192 layer). Every method then sees the head's output as the
+training (docs/paper.md: the ResNet-50 student's 2048→8192 layer). Every method then sees the head's output as the
 student embedding (``student_dim`` is the head's width); evaluation, export and ``forward`` use the backbone
 alone, and the checkpoint keeps the head under ``train_head.*`` (evaluation loads only ``student.*``).
 """
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..anchor_queue import AnchorQueue
+from ..nonfinite import LossWatch
 from ..resume import collect_rng_states, restore_rng_states
 from ..schedule import build_optimizer
 
@@ -47,6 +48,7 @@ class DistillationModule(pl.LightningModule):
         self.train_head = nn.Linear(int(student.embed_dim), int(train_head_dim)) if train_head_dim else None
         self.student_dim = int(train_head_dim) if train_head_dim else int(student.embed_dim)
         self.teacher_dim = int(teacher.embed_dim)
+        self.loss_watch = LossWatch()  # non-finite losses, checked without a per-step host synchronisation
 
     # ---- pieces subclasses provide ---------------------------------------------------------------------------
     def distill(self, x: torch.Tensor, student_emb: torch.Tensor, teacher_emb: torch.Tensor | None, *,
@@ -69,13 +71,25 @@ class DistillationModule(pl.LightningModule):
 
     def teacher_targets(self, x: torch.Tensor, index: torch.Tensor, view: torch.Tensor | None = None
                         ) -> torch.Tensor:
-        if getattr(self.teacher, "is_cached", False):  # teacher_cache.CachedFeatures: stored rows, no network
-            return self.teacher.lookup(index, view)
         # inference mode: no autograd bookkeeping at all for the frozen teacher; the clone (batch-sized, outside
         # inference mode) makes the targets ordinary tensors that the loss may save for its backward
         with torch.inference_mode():
             t = self.teacher(x).float()
         return t.clone()
+
+    @property
+    def reads_cached_teacher(self) -> bool:
+        return self.needs_teacher and bool(getattr(self.teacher, "is_cached", False))
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # A cached teacher (teacher_cache.CachedFeatures) is a table on the host: its rows are looked up here, by
+        # the batch's dataset indices while they are still host tensors, and travel to the device with the batch
+        # (appended as its last element). Looking them up in the step would copy the indices back from the GPU:
+        # a host synchronisation every step.
+        if self.reads_cached_teacher:
+            x, labels, index, *view = batch
+            batch = [x, labels, index, *view, self.teacher.lookup(index, *view)]
+        return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.channels_last and isinstance(batch, (list, tuple)) and torch.is_tensor(batch[0]) \
@@ -93,13 +107,16 @@ class DistillationModule(pl.LightningModule):
         return self.train_head(e) if self.train_head is not None else e
 
     def training_step(self, batch, batch_idx):
+        self.loss_watch.poll()  # earlier steps' non-finite checks whose flags have arrived (never waits)
+        teacher_emb = None
+        if self.reads_cached_teacher:  # its rows were looked up before the transfer: the batch's last element
+            *batch, teacher_emb = batch
         x, labels, index, *view = batch  # a 4th element: the view k of a cached K-view teacher (SeededViews)
-        teacher_emb = self.teacher_targets(x, index, *view) if self.needs_teacher else None
+        if self.needs_teacher and teacher_emb is None:
+            teacher_emb = self.teacher_targets(x, index, *view)
         student_emb = self.training_embedding(x)
         loss, logs = self.distill(x, student_emb, teacher_emb, labels=labels, index=index)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at global step {self.global_step} "
-                                     f"(epoch {self.current_epoch}, batch {batch_idx})")
+        self.loss_watch.push(loss, f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         for k, v in logs.items():
             self.log(f"train/{k}", v, on_step=True, on_epoch=False, batch_size=x.shape[0])
@@ -110,6 +127,12 @@ class DistillationModule(pl.LightningModule):
         for m in self.modules():
             if isinstance(m, AnchorQueue):
                 m.flush()
+
+    def on_train_epoch_end(self) -> None:
+        self.loss_watch.settle()  # before the epoch's checkpoint is written (ModelCheckpoint runs after this hook)
+
+    def on_train_end(self) -> None:
+        self.loss_watch.settle()
 
     def on_train_epoch_start(self) -> None:
         self.teacher.eval()  # Lightning's model.train() must never put the teacher's BatchNorm in train mode
@@ -123,7 +146,7 @@ class DistillationModule(pl.LightningModule):
         return [{"name": "student", "params": params}]
 
     def configure_optimizers(self):
-        return build_optimizer(self.parameter_groups(), self.optim_cfg)
+        return build_optimizer(self.parameter_groups(), self.optim_cfg, model=self)
 
     def use_channels_last(self) -> "DistillationModule":
         """NHWC memory layout for every network and every input batch (faster convolutions on GPUs)."""

@@ -1,4 +1,8 @@
-"""The AlexNet used by CompReSS: five convolutions, fc6 and fc7 (4096 each), no BatchNorm.
+"""The AlexNet used by CompReSS: five convolutions, fc6 and fc7 (4096 each), no BatchNorm, no dropout.
+
+The official CompReSS AlexNet has its two ``nn.Dropout`` layers commented out, so the student's embedding (and the
+2q momentum copy's keys) are never dropout-noised; ``dropout > 0`` (``student.dropout``) puts them back in front
+of fc6 and fc7, as in torchvision's classifier, for experiments that want it.
 
 Its embedding is ReLU(fc7). Layer names follow the paper's evaluation vocabulary (``conv1`` … ``conv5``,
 ``fc6``, ``fc7``) so that ``forward_features`` can hand any of them to the evaluations.
@@ -20,7 +24,7 @@ class AlexNet(nn.Module):
         width_multiplier: float = 1.0,
         fc_dim: int = 4096,
         in_channels: int = 3,
-        dropout: float = 0.5,
+        dropout: float = 0.0,
         num_classes: int | None = None,
     ):
         super().__init__()
@@ -40,8 +44,12 @@ class AlexNet(nn.Module):
         self.conv4 = nn.Sequential(nn.Conv2d(w[2], w[3], 3, 1, 1), nn.ReLU(inplace=True))
         self.conv5 = nn.Sequential(nn.Conv2d(w[3], w[4], 3, 1, 1), nn.ReLU(inplace=True))
         self.pool5 = nn.AdaptiveMaxPool2d(pooled)
-        self.fc6 = nn.Sequential(nn.Dropout(dropout), nn.Linear(w[4] * pooled * pooled, fc_dim), nn.ReLU(inplace=True))
-        self.fc7 = nn.Sequential(nn.Dropout(dropout), nn.Linear(fc_dim, fc_dim), nn.ReLU(inplace=True))
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"AlexNet dropout must be in [0, 1), got {dropout}")
+        # no dropout: an identity stands in its place, so state_dict keys (fc6.1.*, fc7.1.*) are the same either way
+        drop = (lambda: nn.Dropout(dropout)) if dropout > 0 else nn.Identity
+        self.fc6 = nn.Sequential(drop(), nn.Linear(w[4] * pooled * pooled, fc_dim), nn.ReLU(inplace=True))
+        self.fc7 = nn.Sequential(drop(), nn.Linear(fc_dim, fc_dim), nn.ReLU(inplace=True))
         self.embed_dim = fc_dim
         self.fc = nn.Linear(fc_dim, num_classes) if num_classes else None
 
