@@ -20,6 +20,8 @@ One prepared script, sized to finish in about 5 minutes on one H100 (most of it 
     The ratio (ii)/(i), the peak GPU memory of each, and the achieved TFLOP/s (FLOPs of one step counted with
     ``torch.utils.flop_counter.FlopCounterMode``; the same model FLOPs for both) are reported.
 
+(c) **Host synchronisations** per training step of ``CompReSS`` (``torch.cuda.set_sync_debug_mode``; target 0).
+
 Writes the JSON to ``--out`` (default ``benchmarks/results/gpu_check.json``) and a markdown table next to it
 (same name, ``.md``). ``--smoke`` runs every code path that can run on a CPU at tiny sizes (32 px, small queue,
 2 steps, ``torch.compile`` with the dynamo-only ``eager`` backend, one CPU thread) in well under 30 s; its default
@@ -366,6 +368,47 @@ def throughput(cfg: dict, device: torch.device, compile_backend: str | None) -> 
     return res
 
 
+def count_host_syncs(cfg: dict, device: torch.device, steps: int = 3) -> dict:
+    """(c) Host synchronisations per training step of the library's own step (``CompReSS.training_step``, backward,
+    SGD step, ``on_train_batch_end``: enqueue + EMA), counted with ``torch.cuda.set_sync_debug_mode("warn")``:
+    every copy to the host or wait on the device warns once. Target: 0 (the non-finite-loss check reads a pinned
+    copy a step late, the queue pointer stays on the device). On the CPU there is nothing to count (see
+    ``tests/test_host_sync.py`` for the CPU-side proxy)."""
+    if device.type != "cuda":
+        return {"syncs_per_step": None, "note": "CPU: no device to synchronise with (tests/test_host_sync.py)"}
+    import warnings
+
+    module = build_module(cfg, device)
+    module.train()
+    opt = torch.optim.SGD(module.student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    batches = synthetic_batches(2, cfg, device, seed=5)
+    labels = torch.zeros(cfg["batch"], dtype=torch.long, device=device)
+    index = torch.arange(cfg["batch"], device=device)
+
+    def one(i: int) -> None:
+        batch = [batches[i % len(batches)], labels, index]
+        loss = module.training_step(batch, i)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        module.on_train_batch_end(None, batch, i)
+
+    one(0)  # warm-up (allocations, cuDNN autotuning) outside the counted region
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for i in range(1, steps + 1):
+                one(i)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize(device)
+    module.loss_watch.settle()
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    return {"syncs_per_step": len(syncs) / steps, "steps": steps, "first_messages": syncs[:5]}
+
+
 # ------------------------------------------------------------------------------------------------------------
 def markdown(result: dict) -> str:
     c, t, cfg = result["correctness"], result["throughput"], result["config"]
@@ -395,6 +438,11 @@ def markdown(result: dict) -> str:
     tail = (f"; {flops / 1e9:,.1f} GFLOP per step (FlopCounterMode on the official-style step; the same model "
             f"FLOPs in both)." if flops else ".")
     lines += ["", f"Speed-up ours vs official-style: **{t['speedup']:.2f}x**{tail}"]
+    hs = result.get("host_syncs") or {}
+    if hs:
+        n = hs.get("syncs_per_step")
+        lines += ["", f"Host synchronisations per training step (torch.cuda.set_sync_debug_mode): "
+                      f"{'n/a (' + hs.get('note', '') + ')' if n is None else f'{n:g} (target 0)'}"]
     return "\n".join(lines) + "\n"
 
 
@@ -437,10 +485,13 @@ def main(argv=None) -> int:
     correctness = check_correctness(cfg, device)
     log(f"    rel. error {correctness['rel_err']:.2e} (bound {BF16_REL_BOUND}); loss fn alone "
         f"{correctness['loss_fn_only_rel_err']:.2e}; grad {correctness['grad_rel_err']:.2e}")
+    log("(c) host synchronisations per training step ...")
+    host_syncs = count_host_syncs(cfg, device)
+    log(f"    {host_syncs}")
     tp = throughput(cfg, device, backend)
     env["loadavg_end"] = os.getloadavg()
     result = {"environment": env, "smoke": a.smoke, "config": cfg, "correctness": correctness, "throughput": tp,
-              "wall_s": time.perf_counter() - t_start}
+              "host_syncs": host_syncs, "wall_s": time.perf_counter() - t_start}
     md = markdown(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

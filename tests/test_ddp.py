@@ -1,5 +1,7 @@
 """Distributed correctness: 2 DDP processes (gloo) with batch B == 1 process with batch 2B on the same
-data: the queues (gathered before enqueue, slot-aligned), pointer, student and momentum student all agree."""
+data: the queues (gathered before enqueue, slot-aligned), pointer, student and momentum student all agree; and
+the library's DDP strategy moves no queue-sized buffer broadcast per step (DDP's default would)."""
+import json
 import os
 import subprocess
 import sys
@@ -11,18 +13,31 @@ import torch
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_run.py"
 
 
-def _run(devices, out, variant):
+def _run(devices, out, variant, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + os.getpid() % 1000))
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(devices), str(out), variant], env=env,
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(devices), str(out), variant, *extra], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each (processes, variant) run once for the module; returns its output path."""
+    done = {}
+
+    def get(devices, variant):
+        if (devices, variant) not in done:
+            out = tmp_path_factory.mktemp(f"ddp{devices}{variant}") / "state.pt"
+            _run(devices, out, variant)
+            done[devices, variant] = out
+        return done[devices, variant]
+    return get
 
 
 @pytest.mark.parametrize("variant", ["2q", "1q"])
-def test_two_processes_equal_one_process_with_double_batch(tmp_path, variant):
-    one = _run(1, tmp_path / "one.pt", variant)
-    two = _run(2, tmp_path / "two.pt", variant)
+def test_two_processes_equal_one_process_with_double_batch(runs, variant):
+    one = torch.load(runs(1, variant))
+    two = torch.load(runs(2, variant))
     assert set(one) == set(two)
     assert int(one["queues.ptr"]) == int(two["queues.ptr"]) == (3 * 16) % 20  # advanced by the global batch
     assert int(two["queues.num_enqueued"]) == 48
@@ -30,3 +45,21 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path, variant):
         if k.endswith("num_batches_tracked"):
             continue
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_no_queue_sized_transfer_per_step(runs):
+    counted = json.loads(Path(f"{runs(2, '2q')}.bytes.json").read_text())
+    queue_bytes, steps, transfers = counted["queue_bytes"], counted["steps"], counted["transfers"]
+    assert queue_bytes == 20 * (128 + 64) * 4  # teacher (128-d) and student (64-d) banks of 20 slots, fp32
+    kinds = {k for k, _ in transfers}
+    assert "gradient_all_reduce" in kinds and "all_gather" in kinds  # the counter sees the step's collectives
+    assert "broadcast_coalesced" not in kinds  # no buffer broadcast at any step
+    smallest_bank = 20 * 64 * 4  # the student bank: any transfer of a bank is at least this large
+    assert max(b for k, b in transfers if k != "gradient_all_reduce") < smallest_bank
+    # per step: each process sends its 8 teacher keys (128-d) and 8 student keys (64-d) once, and the gradients
+    gathered = sum(b for k, b in transfers if k == "all_gather")
+    assert gathered == steps * 8 * (128 + 64) * 4
+    from compress_lit.models import build_backbone
+    student = build_backbone("alexnet", small_input=True, width_multiplier=0.125, fc_dim=64)  # as ddp_run.py
+    n_params = sum(p.numel() for p in student.parameters())
+    assert sum(b for k, b in transfers if k == "gradient_all_reduce") == steps * n_params * 4

@@ -1,6 +1,14 @@
 """Train CompReSS for a few steps on a fixed dataset, either on 2 CPU processes (DDP, gloo) with batch
 B each or on 1 process with batch 2B whose data order equals what the 2 processes see together. Writes the final
-state_dict (rank 0). Used by tests/test_ddp.py."""
+state_dict (rank 0). Used by tests/test_ddp.py and benchmarks/bench_ddp_bytes.py.
+
+The 2-process run uses the library's DDP strategy (``compress_lit.distributed.ddp_strategy``) and counts the bytes
+each collective moves during training (gradient all-reduce through a counting DDP comm hook; buffer broadcasts,
+all-gathers, all-reduces and broadcasts through the torch.distributed functions DDP and Lightning call), written
+next to the state_dict as ``<out>.bytes.json``. A 5th argument ``broadcast_buffers`` restores DDP's default
+per-step buffer broadcast, for the before/after comparison.
+"""
+import json
 import sys
 
 import pytorch_lightning as pl
@@ -9,7 +17,10 @@ from omegaconf import OmegaConf
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
 from compress_lit.config import OptimConfig
+from compress_lit.distributed import ddp_strategy
 from compress_lit.methods import CompReSS
 from compress_lit.models import build_backbone
 from compress_lit.teacher import FrozenTeacher
@@ -42,7 +53,50 @@ class RankStrided(Sampler):
         return iter(range(rank, N, 2))
 
 
-def main(devices: int, out: str, variant: str) -> None:
+TRANSFERS: list = []  # (collective, bytes), recorded while COUNTING
+COUNTING = [False]
+
+
+def _nbytes(t) -> int:
+    if isinstance(t, (list, tuple)):
+        return sum(_nbytes(x) for x in t)
+    return t.numel() * t.element_size() if torch.is_tensor(t) else 0
+
+
+def _count_collectives() -> None:
+    for name, arg in (("_broadcast_coalesced", 1), ("all_gather", 1), ("all_reduce", 0), ("broadcast", 0),
+                      ("all_gather_into_tensor", 1)):
+        orig = getattr(dist, name)
+
+        def wrapped(*a, __orig=orig, __name=name, __arg=arg, **k):
+            if COUNTING[0]:
+                TRANSFERS.append((__name.lstrip("_"), _nbytes(a[__arg]) if len(a) > __arg else 0))
+            return __orig(*a, **k)
+        setattr(dist, name, wrapped)
+
+
+def counting_allreduce(state, bucket):
+    counting = COUNTING[0]
+    if counting:
+        TRANSFERS.append(("gradient_all_reduce", _nbytes(bucket.buffer())))
+    COUNTING[0] = False  # the hook's own all_reduce is this transfer, counted once
+    try:
+        return default_hooks.allreduce_hook(state, bucket)
+    finally:
+        COUNTING[0] = counting
+
+
+class Counting(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        # Lightning registers comm hooks on CUDA only: register the counting one on the wrapped model directly
+        trainer.strategy.model.register_comm_hook(None, counting_allreduce)
+        COUNTING[0] = True
+
+    def on_train_end(self, trainer, pl_module):
+        COUNTING[0] = False
+
+
+def main(devices: int, out: str, variant: str, broadcast_buffers: bool = False) -> None:
     pl.seed_everything(0)
     teacher = FrozenTeacher(build_backbone("resnet18", small_input=True, width_multiplier=0.25))
     # AlexNet has no BatchNorm (SyncBN needs GPUs) and dropout is off, so 2 x B and 1 x 2B are the same maths
@@ -52,7 +106,9 @@ def main(devices: int, out: str, variant: str) -> None:
     module = CompReSS(student, teacher, optim, queue_size=20, momentum=0.5, **kw)  # 3 x 16 keys wrap 20 slots
     if devices == 2:
         order, batch, sampler = list(range(N)), B, RankStrided()
-        trainer_kw = dict(devices=2, strategy="ddp", use_distributed_sampler=False)
+        _count_collectives()
+        strategy = ddp_strategy("ddp", **({"broadcast_buffers": True} if broadcast_buffers else {}))
+        trainer_kw = dict(devices=2, strategy=strategy, use_distributed_sampler=False, callbacks=[Counting()])
     else:
         r0, r1 = list(range(0, N, 2)), list(range(1, N, 2))
         order = [i for s in range(N // (2 * B)) for i in r0[s * B:(s + 1) * B] + r1[s * B:(s + 1) * B]]
@@ -63,7 +119,11 @@ def main(devices: int, out: str, variant: str) -> None:
     trainer.fit(module, loader)
     if trainer.is_global_zero:
         torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, out)
+        if devices == 2:
+            queue_bytes = sum(_nbytes(b) for n, b in module.queues.named_buffers() if n.startswith("bank_"))
+            with open(f"{out}.bytes.json", "w") as f:
+                json.dump({"steps": STEPS, "queue_bytes": queue_bytes, "transfers": TRANSFERS}, f)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3], len(sys.argv) > 4 and sys.argv[4] == "broadcast_buffers")

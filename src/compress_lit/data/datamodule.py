@@ -6,7 +6,8 @@
 
 ``wrap_train(fn)`` replaces the training dataset by ``fn(dataset)`` (the cached teacher's ``SeededViews``).
 
-Under DDP Lightning replaces the samplers of the train/val loaders with a DistributedSampler itself.
+Under DDP Lightning replaces the samplers of the train/val loaders with a DistributedSampler itself, and
+``data.batch_size`` is the global batch: each process loads ``data.batch_size / world size`` images.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from ..distributed import per_process_batch
 from .datasets import DatasetError, load_splits, take_subset
 from .transforms import MultiView, eval_transform, train_transform
+from .workers import cap_num_workers
 
 
 class CompressDataModule(pl.LightningDataModule):
@@ -115,20 +118,22 @@ class CompressDataModule(pl.LightningDataModule):
         return isinstance(trainer.accelerator, CUDAAccelerator)
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool, persistent: bool) -> DataLoader:
-        workers = int(self.cfg.num_workers)
+        workers = cap_num_workers(self.cfg.num_workers)  # at most the CPUs available (logged once)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                           num_workers=workers, persistent_workers=persistent and workers > 0,
                           pin_memory=self._pin_memory())
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset
-        batch_size = int(self.cfg.batch_size)
-        per_rank = math.ceil(len(dataset) / self._world_size())
+        world = self._world_size()
+        # data.batch_size is the global batch: each process loads its share (distributed.py)
+        batch_size = per_process_batch(int(self.cfg.batch_size), world)
+        per_rank = math.ceil(len(dataset) / world)
         if batch_size > per_rank:
-            where = f" per process ({self._world_size()} processes)" if self._world_size() > 1 else ""
-            raise DatasetError(f"data.batch_size={batch_size} is larger than the {per_rank} training samples"
-                               f"{where} of data.name={self.cfg.name}: with drop_last=True no batch would be "
-                               f"produced; lower data.batch_size or enlarge data.train_subset")
+            where = f" per process ({world} processes, {batch_size} images each)" if world > 1 else ""
+            raise DatasetError(f"data.batch_size={self.cfg.batch_size} is larger than the {per_rank} training "
+                               f"samples{where} of data.name={self.cfg.name}: with drop_last=True no batch would "
+                               f"be produced; lower data.batch_size or enlarge data.train_subset")
         return self._loader(dataset, batch_size, shuffle=True, drop_last=True, persistent=True)
 
     def val_dataloader(self) -> DataLoader:
