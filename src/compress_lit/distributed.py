@@ -41,7 +41,7 @@ def is_ddp_name(strategy) -> bool:
         return False
     from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 
-    entry = StrategyRegistry.get(strategy)
+    entry = dict.get(StrategyRegistry, strategy)  # (its own .get builds the strategy)
     return entry is not None and issubclass(entry["strategy"], DDPStrategy)
 
 
