@@ -1,5 +1,5 @@
-"""Bad input that the other test files do not already cover (see the README's bad-input table): non-finite loss,
-unwritable or full output folders, and atomic checkpoint writes."""
+"""Bad input that the other test files do not already cover (see the bad-input table in docs/reliability.md):
+non-finite loss, unwritable or full output folders, and atomic checkpoint writes."""
 import errno
 import shutil
 from collections import namedtuple

@@ -103,7 +103,7 @@ def test_struct_mode_is_on_at_run_time():
 
 def test_pretrain_config_composes():
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="pretrain", overrides=["experiment=demo_teacher"])
+        cfg = compose(config_name="pretrain", overrides=["pretrain_experiment=demo_teacher"])
     validate_pretrain(cfg)
     assert cfg.student.arch == "resnet18" and cfg.student.width_multiplier == 0.5 and cfg.method.queue_size == 256
     assert cfg.method.temperature == 0.2
@@ -124,10 +124,10 @@ def test_every_group_option_composes_and_validates(group, option):
     validate_train(train_cfg(*overrides))
 
 
-@pytest.mark.parametrize("experiment", _options("experiment"))
+@pytest.mark.parametrize("experiment", _options("pretrain_experiment"))
 def test_every_pretrain_experiment_composes(experiment):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        validate_pretrain(compose(config_name="pretrain", overrides=[f"experiment={experiment}"]))
+        validate_pretrain(compose(config_name="pretrain", overrides=[f"pretrain_experiment={experiment}"]))
 
 
 def test_slurm_launcher_composes_with_ddp():

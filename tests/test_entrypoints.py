@@ -10,7 +10,7 @@ import torch
 
 TINY = ["data.train_subset=256", "data.val_subset=128", "data.batch_size=64", "method.queue_size=128",
         "optim.epochs=1", "eval.knn_k=[1]", "eval.cluster_seeds=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-TEACHER_ARGS = ["experiment=demo_teacher", "optim.epochs=1", "data.train_subset=256", "data.batch_size=64",
+TEACHER_ARGS = ["pretrain_experiment=demo_teacher", "optim.epochs=1", "data.train_subset=256", "data.batch_size=64",
                 "method.queue_size=128", "student.width_multiplier=0.25", "trainer.enable_progress_bar=false",
                 "eval.at_end=false"]
 TINY_TEACHER = "teacher.pretrain_args=[" + ",".join(f"'{a}'" for a in TEACHER_ARGS) + "]"

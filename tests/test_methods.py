@@ -153,7 +153,7 @@ def test_resuming_with_another_teacher_is_refused(tmp_path):
 
 @pytest.mark.parametrize("variant", ["compress_2q", "compress_1q"])
 def test_training_head_is_the_training_embedding_and_dropped_at_evaluation(variant, tmp_path):
-    """student.train_head_dim (PAPER.md: ResNet-50 student 2048 -> 8192 in training only): the queues and the 1q
+    """student.train_head_dim (docs/paper.md: ResNet-50 student 2048 -> 8192 in training only): the queues and the 1q
     projection live in the head's space, the momentum head is an EMA of the head, evaluation uses the backbone."""
     from compress_lit.evaluation.loading import load_student_checkpoint
 

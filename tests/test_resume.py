@@ -1,5 +1,6 @@
 """Exact resume: a run killed with SIGKILL mid-epoch and resumed with resume=auto continues exactly as the
-uninterrupted run (same later losses, same final weights, queues and momentum student)."""
+uninterrupted run (same later losses, same final weights, queues and momentum student), in the killed run's own
+directory (one metrics.csv with every step once, one log)."""
 import csv
 import os
 import signal
@@ -58,18 +59,31 @@ def test_sigkill_mid_epoch_then_resume_auto_equals_uninterrupted_run(tmp_path):
     proc.wait()
     assert torch.load(ckpt, weights_only=False)["epoch"] == 0  # only epoch 0 had been saved
 
+    logged_before = max(_step_losses(killed_dir))
+    assert logged_before >= 40  # steps after the epoch-0 checkpoint (32) were logged, and will be run again
+
     resumed = subprocess.run(_cmd(resumed_dir, "resume=auto"), cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     out = resumed.stdout + resumed.stderr
     assert "resume=auto: resuming from" in out and str(ckpt) in out
+    assert "dirpath" not in out  # Lightning's "checkpoint directory changed" warning: same directory
+    assert "exists and is not empty" not in out  # nor its warning about the run's own checkpoints
 
-    ref_losses, res_losses = _epoch_losses(ref_dir), _epoch_losses(resumed_dir)
-    assert set(res_losses) == {1, 2}  # epochs 1 and 2 were re-run from the epoch-0 checkpoint
-    for e in (1, 2):
+    # the resumed run continued in the killed run's directory; the one Hydra made for it is gone
+    assert not resumed_dir.exists()
+    assert "resume=auto: continuing the run in" in (killed_dir / "train.log").read_text()
+    assert (killed_dir / "learning_curves.png").is_file()
+    ref_losses, res_losses = _epoch_losses(ref_dir), _epoch_losses(killed_dir)
+    assert set(res_losses) == {0, 1, 2}  # the whole run's history: epoch 0 from before the kill, 1 and 2 re-run
+    for e in (0, 1, 2):
         assert res_losses[e] == ref_losses[e], (e, res_losses[e], ref_losses[e])
+    rows = list(csv.DictReader(open(killed_dir / "csv" / "metrics.csv")))
+    steps = [int(r["step"]) for r in rows if r.get("train/loss_step")]
+    assert steps == sorted(set(steps)) == list(range(96))  # every step once: the killed run's later rows dropped
+    assert _step_losses(killed_dir) == _step_losses(ref_dir)
     a = torch.load(ref_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    b = torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert a["global_step"] == b["global_step"] == 96
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from typing import Any, Callable, Optional
 
 import hydra
@@ -33,12 +32,14 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import register_configs, validate_train
+from .config import register_configs
 from .data import build_datamodule
+from .data.workers import cap_num_workers
 from .safety import check_writable
 from .teacher import build_teacher
 from .teacher_cache import build_cache, cache_dataset, cache_meta, cache_path, cache_views, validate_cache_config
-from .train import CONF_DIR, USER_ERRORS, ensure_teacher_checkpoint, quiet_known_noise
+from .startup import run_entry
+from .train import CONF_DIR, check_train_startup, ensure_teacher_checkpoint
 
 log = logging.getLogger("compress_lit.cache_features")
 register_configs()
@@ -68,7 +69,7 @@ def compute_for_config(cfg: DictConfig, dm=None, *, device: str | torch.device =
                       dtype=str(_cache_setting(cfg, "dtype", "float16")), base_seed=base_seed, seed=cfg.seed)
     return build_cache(cache_path(cfg), teacher, cache_dataset(dm, views, base_seed), meta,
                        batch_size=int(_cache_setting(cfg, "batch_size", cfg.data.eval_batch_size)),
-                       num_workers=int(cfg.data.num_workers), device=device,
+                       num_workers=cap_num_workers(cfg.data.num_workers), device=device,
                        chunk_batches=int(_cache_setting(cfg, "chunk_batches", 50)),
                        max_chunks=_cache_setting(cfg, "max_chunks", None),
                        overwrite=bool(_cache_setting(cfg, "overwrite", False)), autocast=autocast,
@@ -90,7 +91,7 @@ def local_device_and_autocast(trainer_cfg: Any) -> tuple[torch.device, Optional[
 
 
 def run_cache_features(cfg: DictConfig) -> dict:
-    validate_train(cfg)
+    check_train_startup(cfg)  # as compress_lit.train: mandatory keys, values, the accelerator, the teacher's file
     validate_cache_config(cfg)
     out = cache_path(cfg)
     check_writable(out.parent, "the feature cache folder", cfg.safety.min_free_gb)
@@ -115,11 +116,7 @@ def run_cache_features(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=CONF_DIR, config_name="cache_features", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    quiet_known_noise()
-    try:
-        run_cache_features(cfg)
-    except USER_ERRORS as e:
-        sys.exit(f"compress_lit.cache_features: {type(e).__name__}: {e}")
+    run_entry("cache_features", lambda: run_cache_features(cfg))
 
 
 if __name__ == "__main__":

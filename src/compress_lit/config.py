@@ -6,11 +6,14 @@ full key, so a bad value fails before any data is read or any network is built.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 TEACHER_FORMATS = ("moco", "swav", "simclr_tf", "simclr_converted", "torchvision", "compress_lit", "random")
 METHODS = ("compress_2q", "compress_2q_nomomentum", "compress_1q",
@@ -49,7 +52,10 @@ class StudentConfig:
     small_input: bool = False
     width_multiplier: Optional[float] = None
     fc_dim: Optional[int] = None  # AlexNet only: width of fc6/fc7
-    # a linear layer embedding -> train_head_dim used only in training (PAPER.md: ResNet-50 student 2048 -> 8192);
+    # AlexNet only: dropout before fc6 and fc7. 0 (default) as the official CompReSS AlexNet, whose dropout layers
+    # are commented out; torchvision's classifier uses 0.5
+    dropout: float = 0.0
+    # a linear layer embedding -> train_head_dim used only in training (docs/paper.md: ResNet-50 student 2048 -> 8192);
     # dropped at evaluation and export
     train_head_dim: Optional[int] = None
 
@@ -64,9 +70,15 @@ class DataConfig:
     batch_size: int = 256
     eval_batch_size: int = 512
     num_workers: int = 4
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop scale (its default)
     hflip: bool = True
     color_jitter: float = 0.0  # strength of brightness/contrast jitter (small images); 0 disables
+    # crop_flip: RandomResizedCrop + flip (+ color_jitter); mocov2: MoCo v2's augmentation on top of the crop
+    # (colour jitter 0.4/0.4/0.4/0.1 p 0.8, grayscale p 0.2, Gaussian blur sigma 0.1-2 p 0.5; data/transforms.py)
+    augment: str = "crop_flip"
+    # image folders: pil (Image.open) | torchvision (torchvision.io.decode_image + the transforms on uint8 tensors:
+    # the same pixels, ~1.4x the images/s per loader worker; benchmarks/README.md, "Input pipeline")
+    decoder: str = "pil"
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     train_subset: Optional[int] = None  # use only the first N training images (seeded permutation)
@@ -106,6 +118,13 @@ class OptimConfig:
     milestones: list[int] = field(default_factory=lambda: [90, 120])
     gamma: float = 0.2
     warmup_epochs: int = 0
+    nesterov: bool = False  # Nesterov momentum (the official CC script uses it)
+    # false: no weight decay on the BatchNorm weights and biases (the official CC script; conv/linear biases keep it)
+    bn_weight_decay: bool = True
+    # data.batch_size is the global batch (split over the processes). The learning rate is `lr` as given (none), or
+    # lr x global batch / lr_reference_batch (linear); the start-up line states the result (distributed.py)
+    lr_scaling: str = "none"
+    lr_reference_batch: int = 256
 
 
 @dataclass
@@ -169,9 +188,14 @@ class PretrainMethodConfig:
     queue_size: int = 4096
     temperature: float = 0.2
     momentum: float = 0.99
-    proj_hidden_dim: int = 512
+    proj_hidden_dim: Optional[int] = 512  # null: the backbone's width (MoCo v2's rule: 2048 for ResNet-50)
     proj_dim: int = 128
-    bn_splits: int = 1  # >1: shuffled split BatchNorm on one device (see methods/moco.py)
+    # shuffled BatchNorm for the keys (methods/moco.py): under DDP the key batch is shuffled across processes; on
+    # each device queries and keys are encoded in `bn_splits` BatchNorm groups, the keys' drawn from a random
+    # permutation. bn_splits null: auto (1 under DDP, as MoCo; on one device batch // 32 groups, at least 2, each of
+    # at least 2 samples). shuffle_bn false (or bn_splits 1 on one device): plain BatchNorm, which leaks
+    shuffle_bn: bool = True
+    bn_splits: Optional[int] = None
 
 
 @dataclass
@@ -240,7 +264,20 @@ def _validate_common(cfg: DictConfig) -> None:
     for key in ("optim.weight_decay", "optim.momentum", "data.num_workers", "optim.warmup_epochs"):
         _positive(cfg, key, strict=False)
     _one_of(cfg, "data.name", ("digits", "fashion_mnist", "imagefolder"))
+    decoder = OmegaConf.select(cfg, "data.decoder", default="pil")
+    if decoder not in ("pil", "torchvision"):
+        raise ConfigError(f"data.decoder={decoder!r} is invalid: choose one of ['pil', 'torchvision']")
+    augment = OmegaConf.select(cfg, "data.augment", default="crop_flip")
+    if augment not in ("crop_flip", "mocov2"):
+        raise ConfigError(f"data.augment={augment!r} is invalid: choose one of ['crop_flip', 'mocov2']")
+    if augment == "mocov2" and cfg.data.color_jitter:
+        raise ConfigError(f"data.color_jitter={cfg.data.color_jitter} does nothing with data.augment=mocov2 (its "
+                          "jitter is MoCo v2's 0.4/0.4/0.4/0.1 with p 0.8): set data.color_jitter=0")
+    if OmegaConf.select(cfg, "optim.nesterov", default=False) and not cfg.optim.momentum > 0:
+        raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0, got {cfg.optim.momentum}")
     _one_of(cfg, "optim.scheduler", ("multistep", "cosine", "constant"))
+    _one_of(cfg, "optim.lr_scaling", ("none", "linear"))
+    _positive(cfg, "optim.lr_reference_batch")
     _one_of(cfg, "logger.name", ("csv", "wandb", "none"))
     _one_of(cfg, "logger.mode", ("auto", "online", "offline", "disabled"))
     lo, hi = cfg.data.crop_scale
@@ -260,6 +297,11 @@ def _validate_common(cfg: DictConfig) -> None:
         node = cfg.get(group)
         if node is not None and node.arch not in ARCHITECTURES:
             raise ConfigError(f"{group}.arch={node.arch!r} is invalid: choose one of {sorted(ARCHITECTURES)}")
+    drop = OmegaConf.select(cfg, "student.dropout", default=0.0) or 0.0
+    if not 0 <= drop < 1:
+        raise ConfigError(f"student.dropout={drop} is invalid: need 0 <= p < 1")
+    if drop and cfg.student.arch != "alexnet":
+        raise ConfigError(f"student.dropout={drop} is only used by student.arch=alexnet, not {cfg.student.arch!r}")
     ms = list(cfg.optim.milestones)
     if ms != sorted(ms) or any(m <= 0 for m in ms):
         raise ConfigError(f"optim.milestones={ms} is invalid: need increasing positive epochs")
@@ -292,8 +334,53 @@ def validate_pretrain(cfg: DictConfig) -> None:
     _validate_common(cfg)
     _positive(cfg, "method.queue_size")
     _positive(cfg, "method.bn_splits")
-    if cfg.data.batch_size % cfg.method.bn_splits:
-        raise ConfigError(f"method.bn_splits={cfg.method.bn_splits} must divide data.batch_size={cfg.data.batch_size}")
+    _positive(cfg, "method.proj_hidden_dim")
+    _positive(cfg, "method.proj_dim")
+    splits = cfg.method.bn_splits
+    if splits is not None and splits > 1 and cfg.data.batch_size < 2 * splits:
+        raise ConfigError(f"method.bn_splits={splits} is invalid for data.batch_size={cfg.data.batch_size}: every "
+                          "BatchNorm group needs at least 2 samples (batch_size >= 2 x bn_splits)")
     _positive(cfg, "method.temperature")
     if not 0 <= cfg.method.momentum < 1:
         raise ConfigError(f"method.momentum={cfg.method.momentum} is invalid: need 0 <= m < 1")
+
+
+# ------------------------------------------------------------------------------------- silent no-ops: warnings
+MOMENTUM_STUDENT_METHODS = ("compress_2q",)  # the methods whose momentum student reads method.momentum
+
+
+def warn_unused_settings(cfg: DictConfig) -> list[str]:
+    """Warn (logging, naming the key) about settings a training run records but does not use, so that a sweep
+    over them would give identical runs: ``method.momentum`` away from its default when there is no momentum
+    student (CompReSS-1q, 2q with ``method.use_momentum_encoder=false``, the baselines). Returns the messages."""
+    messages = []
+    m = cfg.method
+    default = MethodConfig.momentum
+    uses_momentum = m.name in MOMENTUM_STUDENT_METHODS and m.use_momentum_encoder
+    if not uses_momentum and m.momentum != default:
+        why = ("method.use_momentum_encoder=false" if m.name.startswith("compress") else f"method={m.name}")
+        messages.append(f"method.momentum={m.momentum} is ignored: {why} has no momentum student (only "
+                        f"method=compress_2q with method.use_momentum_encoder=true uses it), so runs that differ "
+                        f"only in method.momentum are identical")
+    for msg in messages:
+        log.warning(msg)
+    return messages
+
+
+def warn_queue_vs_data(cfg: DictConfig, num_train: int) -> list[str]:
+    """Once the training set's size is known: warn (naming the key) when ``method.queue_size`` exceeds it. The
+    queue then never holds only real embeddings (the slots not yet written stay random anchors for
+    ``queue_size / num_train`` epochs, and a sample's older embeddings come back as negatives), and every
+    checkpoint carries the whole queue. Returns the messages."""
+    messages = []
+    name = OmegaConf.select(cfg, "method.name", default="")
+    q = OmegaConf.select(cfg, "method.queue_size")
+    uses_queue = name in ("compress_2q", "compress_2q_nomomentum", "compress_1q", "mocov2")
+    if uses_queue and q is not None and num_train and q > num_train:
+        messages.append(f"method.queue_size={q} is larger than the training set ({num_train} images): most anchors "
+                        f"stay random for the first {q / num_train:.1f} epochs and each image recurs in the queue; "
+                        f"set method.queue_size below {num_train} (the small-data presets do: data=digits uses "
+                        f"1024)")
+    for msg in messages:
+        log.warning(msg)
+    return messages

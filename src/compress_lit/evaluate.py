@@ -6,6 +6,16 @@ data, so ``checkpoint=`` alone suffices; a teacher file needs ``model_format=<mo
 simclr_converted|torchvision|compress_lit|random> model.arch=... [model.small_input=true ...] data=<preset>``.
 ``layer=`` picks another layer (AlexNet conv1..fc7, ResNet stem/layer1..4/pool; spatial maps are average-pooled).
 
+The paper's supervised rows are torchvision's ImageNet classifiers scored with the same protocols:
+``checkpoint=alexnet-owt-7be5be79.pth model_format=torchvision model.arch=alexnet data=imagenet data.root=...``
+(likewise ``resnet18-f37072fd.pth`` / ``resnet18``, ``mobilenet_v2-b0353104.pth`` / ``mobilenetv2``,
+``resnet50-0676ba61.pth`` / ``resnet50``): the classifier head is dropped and the embedding is the one the
+students are scored on (AlexNet ReLU(fc7), ResNet / MobileNetV2 pool); see :mod:`compress_lit.models.torchvision_keys`.
+(The paper's Linear numbers of those rows, 56.5 / 69.8 / 71.9 / 76.2, are torchvision's own top-1 of the 1000-way
+heads, 56.52 / 69.76 / 71.88 / 76.13 for the V1 weights named above; ``eval=[linear]`` trains a probe on the
+embedding instead.) On small data sets, where there is no pretrained classifier, the supervised row is a student
+trained here with ``method=supervised``.
+
 Writes ``results.json``, ``results.md`` and ``features.npz`` (train_x, train_y, test_x, test_y) to the Hydra run
 directory (plus the cluster pictures), and prints the results table. Features are cached under ``cache_dir``
 keyed by (checkpoint, layer, split, transform, data config), so evaluating the same model again skips the model.
@@ -24,23 +34,48 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .config import ConfigError
 from .evaluation.settings import EVALUATIONS, MODEL_FORMATS, register_eval_configs
+from .paths import config_dir
+from .startup import check_accelerator, check_device, check_file, check_mandatory, quiet_known_noise, run_entry
 
 log = logging.getLogger("compress_lit.evaluate")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
 register_eval_configs()
 
 
 def _check(cfg: DictConfig) -> None:
+    """Start-up checks (before the model or any data is loaded): ConfigErrors naming the key."""
+    check_mandatory(cfg)
     if cfg.model_format not in MODEL_FORMATS:
-        raise ValueError(f"model_format={cfg.model_format!r} is invalid: choose one of {list(MODEL_FORMATS)}")
+        raise ConfigError(f"model_format={cfg.model_format!r} is invalid: choose one of {list(MODEL_FORMATS)}")
     bad = [e for e in cfg.eval if e not in EVALUATIONS]
     if bad:
-        raise ValueError(f"eval={list(cfg.eval)} has unknown entries {bad}: choose from {list(EVALUATIONS)}")
+        raise ConfigError(f"eval={list(cfg.eval)} has unknown entries {bad}: choose from {list(EVALUATIONS)}")
     if "voc" in cfg.eval and not cfg.voc.root:
-        raise ValueError("eval includes voc: set voc.root=<folder holding VOCdevkit/VOC2007>")
+        raise ConfigError("eval includes voc: set voc.root=<folder holding VOCdevkit/VOC2007>")
     if cfg.linear.mode not in ("full", "features"):
-        raise ValueError(f"linear.mode={cfg.linear.mode!r} is invalid: choose full or features")
+        raise ConfigError(f"linear.mode={cfg.linear.mode!r} is invalid: choose full or features")
+    check_model_inputs(cfg)
+    if "linear" in cfg.eval and cfg.linear.mode == "full":
+        check_accelerator(cfg.trainer)
+
+
+def check_model_inputs(cfg: DictConfig) -> None:
+    """``checkpoint=`` names an existing file (``model_format=random`` needs none) and ``device=`` exists here."""
+    if cfg.model_format != "random" or cfg.checkpoint:
+        check_file("checkpoint", cfg.checkpoint, "checkpoint file")
+    check_device(cfg.device)
+
+
+def confusion_title(res) -> str:
+    """The confusion matrix shows one k-means run (the first seed's); its title says so, beside the mean over the
+    seeds that the results table reports."""
+    seed, acc = res.seeds[0], res.accs[0]
+    title = f"cluster -> class (val), k-means seed {seed}: alignment {acc:.2f}%"
+    if len(res.seeds) > 1:
+        title += f"\n(this seed; mean over the {len(res.seeds)} seeds {res.acc_mean:.2f} ± {res.acc_std:.2f}%)"
+    return title
 
 
 def extract_split_features(loaded, dm, data_cfg, layer, device, cache, progress):
@@ -137,7 +172,7 @@ def run_evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                                      dataset=dm.val_dataset, denormalize=denormalizer(data_cfg.mean, data_cfg.std),
                                      rows=c.rows, cols=c.cols, seed=c.picture_seed)
             conf = plot_confusion(out_dir / "cluster_confusion.png", res.val_clusters, test_y.numpy(), res.mapping,
-                                  dm.class_names, k=res.k)
+                                  dm.class_names, k=res.k, title=confusion_title(res))
             results["cluster"]["pictures"] = {"grid": Path(grid["path"]).name, "confusion": Path(conf["path"]).name,
                                               "grid_clusters": grid["clusters"], "grid_labels": grid["labels"]}
     if "linear" in cfg.eval:
@@ -191,7 +226,8 @@ def _json_default(o):
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
-    run_evaluate(cfg, HydraConfig.get().runtime.output_dir)
+    quiet_known_noise()
+    run_entry("evaluate", lambda: run_evaluate(cfg, HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -45,8 +44,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
+from .paths import config_dir
+from .startup import USER_ERRORS, check_mandatory, run_entry
+
 log = logging.getLogger("compress_lit.export")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
 FORMATS = ("onnx", "torchscript")
 ONNX_EXPORTERS = ("auto", "dynamo", "legacy")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -470,6 +472,7 @@ def _output_path(cfg: Any, run_dir: Path, name: str) -> Path:
 
 
 def _check_cfg(cfg: Any) -> None:
+    check_mandatory(cfg)  # checkpoint= (a ConfigError naming the key, not OmegaConf's MissingMandatoryValue)
     if cfg.format not in FORMATS:
         raise ExportError(f"format={cfg.format!r} is invalid: choose one of {list(FORMATS)}")
     if cfg.format == "onnx":
@@ -663,10 +666,8 @@ __all__ = ["ExportConfig", "ExportError", "LatencySettings", "ParitySettings", "
 @hydra.main(config_path=CONF_DIR, config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.WARNING)
-    try:
-        run_export(cfg, HydraConfig.get().runtime.output_dir)
-    except (ExportError, ValueError) as e:
-        sys.exit(f"compress_lit.export: {type(e).__name__}: {e}")
+    run_entry("export", lambda: run_export(cfg, HydraConfig.get().runtime.output_dir),
+              user_errors=(*USER_ERRORS, ExportError, ValueError))
 
 
 if __name__ == "__main__":

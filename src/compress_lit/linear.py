@@ -17,20 +17,29 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .config import ConfigError
 from .evaluation.settings import register_eval_configs
+from .paths import config_dir
+from .startup import check_accelerator, check_mandatory, quiet_known_noise, run_entry
 
 log = logging.getLogger("compress_lit.linear")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
 register_eval_configs()
 
 
 def run_linear(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    from .evaluate import extract_split_features
+    from .evaluate import check_model_inputs, extract_split_features
     from .data import build_datamodule
     from .evaluation.features import FeatureCache
     from .evaluation.linear import BEST_LABEL, linear_probe_on_features, run_linear_probe
     from .evaluation.loading import load_model, resolve_data_config, resolve_device
 
+    check_mandatory(cfg)
+    if cfg.linear.mode not in ("full", "features"):
+        raise ConfigError(f"linear.mode={cfg.linear.mode!r} is invalid: choose full or features")
+    check_model_inputs(cfg)  # as compress_lit.evaluate: checkpoint= exists, device= is there
+    if cfg.linear.mode == "full":
+        check_accelerator(cfg.trainer)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
@@ -67,7 +76,8 @@ def run_linear(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 @hydra.main(config_path=CONF_DIR, config_name="linear", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
-    run_linear(cfg, HydraConfig.get().runtime.output_dir)
+    quiet_known_noise()
+    run_entry("linear", lambda: run_linear(cfg, HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

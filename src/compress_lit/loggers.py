@@ -1,4 +1,8 @@
-"""Experiment loggers: W&B (offline unless credentials are there; never prompts, never hangs), CSV, or none."""
+"""Experiment loggers: W&B (offline unless credentials are there; never prompts, never hangs), CSV, or none.
+
+A resumed run's CSV logger starts with the rows the run logged before its checkpoint (``history``, see
+:func:`compress_lit.resume.prepare_resume`), so ``metrics.csv`` holds the whole run once.
+"""
 from __future__ import annotations
 
 import logging
@@ -26,24 +30,58 @@ def resolve_wandb_mode(mode: str) -> str:
     return "online" if wandb_credentials_present() else "offline"
 
 
+def wandb_mode_message(requested: str, mode: str) -> str | None:
+    """The log line saying why W&B does not run online (None when it does)."""
+    if mode == "online":
+        return None
+    if requested == "auto":
+        return (f"W&B runs {mode}: no W&B credentials were found (WANDB_API_KEY or ~/.netrc; `wandb login`); "
+                f"`wandb sync` uploads the run later")
+    return f"W&B runs {mode} (logger.mode={requested})" + ("; `wandb sync` uploads the run later"
+                                                            if mode == "offline" else "")
+
+
+def _csv_logger(save_dir: str, flush_every_n_steps: int, history: list[dict] | None):
+    from pytorch_lightning.loggers import CSVLogger
+
+    class ContinuedCSVLogger(CSVLogger):
+        """A CSVLogger whose ``metrics.csv`` starts with ``history`` (the resumed run's earlier rows)."""
+
+        def __init__(self, *args, history: list[dict] | None = None, **kw):
+            super().__init__(*args, **kw)
+            self._history = list(history or [])
+
+        @property
+        def experiment(self):
+            fresh = self._experiment is None
+            exp = super().experiment
+            if fresh and self._history and hasattr(exp, "metrics"):
+                exp.metrics[:0] = self._history  # written with the first flush, before the new rows
+                self._history = []
+            return exp
+
+    cls = ContinuedCSVLogger if history else CSVLogger
+    kw = {"history": history} if history else {}
+    return cls(save_dir, name="csv", version="", flush_logs_every_n_steps=flush_every_n_steps, **kw)
+
+
 def build_logger(cfg, save_dir: str | Path, run_name: str | None = None, config: dict | None = None,
-                 group: str | None = None):
+                 group: str | None = None, history: list[dict] | None = None):
     """A Lightning logger from a LoggerConfig, or False for ``none``. ``group``: the W&B group when
-    ``logger.group`` is null (a Hydra multirun passes the sweep's name, see reporting.hydra_run_identity)."""
+    ``logger.group`` is null (a Hydra multirun passes the sweep's name, see reporting.hydra_run_identity).
+    ``history``: CSV rows a resumed run logged before its checkpoint, written first."""
     save_dir = str(save_dir)
     if cfg.name == "none":
         return False
     if cfg.name == "csv":
-        from pytorch_lightning.loggers import CSVLogger
-
-        return CSVLogger(save_dir, name="csv", version="", flush_logs_every_n_steps=cfg.flush_every_n_steps)
+        return _csv_logger(save_dir, cfg.flush_every_n_steps, history)
     from pytorch_lightning.loggers import WandbLogger
 
     mode = resolve_wandb_mode(cfg.mode)
     os.environ.setdefault("WANDB_SILENT", "true")
-    if mode != "online":
-        log.info("W&B runs %s (no credentials found, or logger.mode=%s); `wandb sync` uploads it later",
-                 mode, cfg.mode)
+    message = wandb_mode_message(cfg.mode, mode)
+    if message:
+        log.info(message)
     import wandb
 
     if wandb.run is not None:  # left open by an earlier run in this process (a failed multirun job): close it

@@ -2,12 +2,16 @@
 
 The final checkpoint is a Lightning checkpoint with the backbone under ``backbone.``; the teacher loader reads
 it with ``teacher.format=compress_lit``. ``output=<path>`` also copies it there (atomically).
+
+MoCo v2 at ImageNet scale (the paper's teachers and its "MoCo from scratch" rows): ``pretrain_experiment=
+paper/mocov2_imagenet student=<arch> data.root=...`` (lr 0.03 cosine, 200 epochs, batch 256, queue 65,536, m 0.999,
+T 0.2, MLP head, MoCo v2's augmentation, shuffled BatchNorm: across processes under DDP, in split groups on one
+device; see methods/moco.py).
 """
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -15,40 +19,49 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import register_configs, validate_pretrain
+from .config import register_configs, validate_pretrain, warn_queue_vs_data
 from .data import build_datamodule
 from .loggers import build_logger
 from .methods import MoCoV2
-from .resume import resolve_resume
+from .resume import prepare_resume
 from .reporting import HistoryCallback, end_of_run, hydra_run_identity
 from .safety import atomic_copy, check_writable
 from .evaluation.suite import evaluate_models, format_table
-from .train import CONF_DIR, USER_ERRORS, build_student, build_trainer, quiet_known_noise
+from .distributed import apply_batch_plan
+from .startup import check_accelerator, check_mandatory, run_entry
+from .train import CONF_DIR, build_student, build_trainer
 
 log = logging.getLogger("compress_lit.pretrain")
 register_configs()
 
 
 def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
-    run_dir = Path(run_dir)
+    check_mandatory(cfg)
     validate_pretrain(cfg)
+    check_accelerator(cfg.trainer)
+    resume = prepare_resume(cfg.resume, run_dir)  # resume=auto: continues in the earlier run's directory
+    run_dir = resume.run_dir
     check_writable(run_dir, "the run directory", cfg.safety.min_free_gb)
     if cfg.output:
         check_writable(Path(cfg.output).parent, "the output folder", cfg.safety.min_free_gb)
     pl.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg.data, views=2)
     dm.setup("fit")
+    warn_queue_vs_data(cfg, dm.num_train)
     backbone = build_student(cfg.student)
     m = cfg.method
     module = MoCoV2(backbone, cfg.optim, queue_size=m.queue_size, temperature=m.temperature, momentum=m.momentum,
-                    proj_hidden_dim=m.proj_hidden_dim, proj_dim=m.proj_dim, bn_splits=m.bn_splits,
+                    proj_hidden_dim=m.proj_hidden_dim, proj_dim=m.proj_dim, shuffle_bn=m.shuffle_bn,
+                    bn_splits=m.bn_splits,
                     config=OmegaConf.to_container(cfg, resolve=True))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     group, job_name = hydra_run_identity()  # multirun: W&B group = the sweep, run name = the job's overrides
-    logger = build_logger(cfg.logger, run_dir, cfg.run_name or job_name, resolved, group=group)
+    logger = build_logger(cfg.logger, run_dir, cfg.run_name or job_name, resolved, group=group,
+                          history=resume.history)
     history = HistoryCallback()
     trainer = build_trainer(cfg, run_dir, logger, callbacks=[history])
-    trainer.fit(module, datamodule=dm, ckpt_path=resolve_resume(cfg.resume, run_dir), weights_only=False)
+    apply_batch_plan(cfg, trainer, module, logger)  # data.batch_size is global; the learning rate, stated
+    trainer.fit(module, datamodule=dm, ckpt_path=resume.checkpoint, weights_only=False)
     last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.output and trainer.is_global_zero:
         atomic_copy(last, cfg.output)
@@ -68,11 +81,7 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 @hydra.main(config_path=CONF_DIR, config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    quiet_known_noise()
-    try:
-        run_pretrain(cfg, HydraConfig.get().runtime.output_dir)
-    except USER_ERRORS as e:
-        sys.exit(f"compress_lit.pretrain: {type(e).__name__}: {e}")
+    run_entry("pretrain", lambda: run_pretrain(cfg, HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

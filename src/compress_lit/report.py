@@ -122,7 +122,8 @@ def load_run(path: str | Path, label: Optional[str] = None, curves_dir: Optional
     into ``curves_dir`` (default: the run directory)."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a run directory")
+        raise FileNotFoundError(f"{path}: {'no such folder' if not path.exists() else 'not a folder'} (pass run "
+                                f"directories such as outputs/train/<date>/<time>)")
     run = Run(path=path, label=label or path.name)
     run.config = _load_yaml(path / ".hydra" / "config.yaml") or {}
     run.overrides = [str(o) for o in (_load_yaml(path / ".hydra" / "overrides.yaml") or [])]
@@ -378,7 +379,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         md = write_report(args.run_dirs, args.out, html_out, args.assets, copy=not args.no_copy, title=args.title)
     except FileNotFoundError as e:
-        print(f"compress_lit.report: {e}", file=sys.stderr)
+        print(f"compress_lit.report: {type(e).__name__}: {e}", file=sys.stderr)  # as every entry point
         return 2
     if args.out is None:
         print(md)

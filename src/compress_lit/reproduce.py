@@ -25,6 +25,7 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .startup import USER_ERRORS, check_mandatory, run_entry
 from .train import CONF_DIR
 
 METRICS = ("1-NN", "20-NN", "cluster", "linear")
@@ -71,6 +72,10 @@ class ReproduceConfig:
 ConfigStore.instance().store(name="reproduce_schema", node=ReproduceConfig)
 
 
+class StepFailed(RuntimeError):
+    """A step's command failed; its own one-line error (or traceback) is printed above this one."""
+
+
 def _hash(args: list[str]) -> str:
     return hashlib.sha1("\0".join(args).encode()).hexdigest()[:10]
 
@@ -90,7 +95,10 @@ def _run_step(module: str, args: list[str], runs: Path, tag: str, dry: bool) -> 
     if dry:
         return run_dir, None
     t0 = time.time()
-    subprocess.run(cmd, check=True)
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        raise StepFailed(f"step {tag} failed (exit status {rc}; its message is above): python -m {module} "
+                         f"{' '.join(args)}")
     print(f"[reproduce] {tag}: done in {time.time() - t0:.0f} s", flush=True)
     return run_dir, json.loads(done.read_text())
 
@@ -179,7 +187,7 @@ def ablation_points(ab: DictConfig) -> list[tuple[str, dict[str, float]]]:
 
 
 def run_ablation(cfg: DictConfig, runs: Path, teacher_ckpt: Path, out: Path) -> dict:
-    """Temperature and queue-size ablations of one method on one student (PAPER.md's ablation tables), written to
+    """Temperature and queue-size ablations of one method on one student (docs/paper.md, ablations), written to
     ``<out_dir>/ablation_<data>.md`` / ``.json``: rows ``T=...`` (queue at its centre) and ``queue=...`` (T at its
     centre), mean ± std over the seeds."""
     ab = cfg.ablation
@@ -217,6 +225,7 @@ def run_ablation(cfg: DictConfig, runs: Path, teacher_ckpt: Path, out: Path) -> 
 
 
 def run_reproduce(cfg: DictConfig) -> dict:
+    check_mandatory(cfg, {"name": "reproduce_preset=full|quick (or name=<label>)"})
     out = Path(cfg.out_dir)
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -259,7 +268,7 @@ def run_reproduce(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=CONF_DIR, config_name="reproduce", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_reproduce(cfg)
+    run_entry("reproduce", lambda: run_reproduce(cfg), user_errors=(*USER_ERRORS, StepFailed))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Loading frozen teachers: the one place that reads teacher checkpoints.
 
-Every public teacher release has its own key layout (PAPER.md, "Checkpoint layouts of the public teachers").
+Every public teacher release has its own key layout (docs/paper.md, "Public teacher checkpoints").
 Each format below maps the file's keys onto the backbone's own parameter names *explicitly*, and the result is
 checked key by key against the backbone: a missing key, an unexpected key or a shape mismatch is an error that
 names the file, the format and the keys. The one tolerated difference is a ``*.num_batches_tracked`` buffer the
@@ -23,8 +23,11 @@ Formats (``TeacherConfig.format``):
 ``simclr_converted``
     The community TF->PyTorch SimCLR converter: ``{'state_dict': <torchvision layout>}``; ``fc.*`` is dropped.
 ``torchvision``
-    A plain state_dict in the backbone's own layout (torchvision names for ResNets; this package's names for
-    AlexNet and MobileNetV2); ``fc.*`` is dropped.
+    A torchvision ImageNet classifier's plain state_dict (the paper's supervised students: ``alexnet``,
+    ``resnet18``, ``mobilenet_v2``, ``resnet50``), its 1000-way head dropped (``fc.*``; MobileNetV2
+    ``classifier.*``; AlexNet ``classifier.6.*``, with ``features.0/3/6/8/10`` -> ``conv1..5`` and
+    ``classifier.1/4`` -> ``fc6``/``fc7``; :mod:`compress_lit.models.torchvision_keys`), or a state_dict saved
+    from the backbone itself (this package's names; ``fc.*`` dropped).
 ``compress_lit``
     This project's own Lightning checkpoints: ``{'state_dict': ...}`` with the backbone under ``backbone.``
     (MoCo pretraining) or, if there is none, the student under ``student.`` (distillation). Other top-level
@@ -43,6 +46,7 @@ import torch
 from torch import nn
 
 from .models import build_backbone
+from .models.torchvision_keys import torchvision_key_mapping
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +232,10 @@ def _map_simclr_converted(obj: Any, model: nn.Module) -> Mapped:
 
 
 def _map_torchvision(obj: Any, model: nn.Module) -> Mapped:
-    what = "a plain state_dict in the backbone's own (torchvision) layout, e.g. 'conv1.weight'"
-    return _drop_fc(_plain_state_dict(obj, what))
+    what = ("a plain state_dict of a torchvision classifier (e.g. 'conv1.weight', 'features.0.weight') or of the "
+            "backbone itself")
+    sd = _plain_state_dict(obj, what)
+    return [(k, m, sd[k]) for k, m in torchvision_key_mapping(sd, model)]
 
 
 def _map_compress_lit(obj: Any, model: nn.Module) -> Mapped:

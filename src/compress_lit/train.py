@@ -16,7 +16,6 @@ import json
 import logging
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import hydra
@@ -25,40 +24,36 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, register_configs, validate_train
-from .data import DatasetError, build_datamodule
+from .config import ConfigError, register_configs, validate_train, warn_queue_vs_data, warn_unused_settings
+from .data import build_datamodule
+from .distributed import apply_batch_plan, ddp_strategy, is_ddp_name, plan_batch
 from .evaluation.suite import evaluate_models, format_table
 from .loggers import build_logger
 from .methods import CompReSS, DistillationModule
 from .methods.baselines import CRD, ClusterClassification, Regression, Supervised
 from .models import build_backbone
+from .paths import config_dir
 from .reporting import HistoryCallback, end_of_run, hydra_run_identity, rich_progress_bar
-from .resume import resolve_resume
-from .safety import AtomicCheckpointIO, StartupError, check_writable
-from .teacher import TeacherLoadError, build_teacher
+from .resume import prepare_resume
+from .safety import AtomicCheckpointIO, check_writable
+from .startup import (USER_ERRORS, check_accelerator, check_file, check_mandatory, quiet_known_noise,
+                      run_entry)
+from .teacher import build_teacher
 from .teacher_cache import (CacheMissingError, SeededViews, TeacherCacheError, cache_features_command, cache_path,
                             cache_views, expected_meta, open_cache, validate_cache_config)
 
 log = logging.getLogger("compress_lit.train")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
 register_configs()
-# errors whose message is written for the user: shown without a traceback by the entry points
-USER_ERRORS = (ConfigError, DatasetError, TeacherLoadError, StartupError, TeacherCacheError)
-
-
-def quiet_known_noise() -> None:
-    # the frozen teacher is in eval mode on purpose (Lightning warns about any eval-mode module at fit start)
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`.*")  # ours, on purpose
-    warnings.filterwarnings("ignore", message=r".*no `validation_step`.*")  # val data is for the evaluations
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+__all__ = ["USER_ERRORS", "quiet_known_noise", "run_train", "check_train_startup"]  # USER_ERRORS: see startup.py
 
 
 def build_student(scfg, num_classes: int | None = None) -> torch.nn.Module:
     kw = {}
     if scfg.fc_dim is not None:
         kw["fc_dim"] = scfg.fc_dim
+    if scfg.get("dropout"):
+        kw["dropout"] = scfg.dropout
     if num_classes:
         kw["num_classes"] = num_classes
     return build_backbone(scfg.arch, small_input=scfg.small_input, width_multiplier=scfg.width_multiplier, **kw)
@@ -203,6 +198,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()) -> pl.Tr
                            save_on_train_epoch_end=True)
     kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
     kwargs.setdefault("max_epochs", cfg.optim.epochs)
+    if is_ddp_name(kwargs.get("strategy")):  # no per-step re-broadcast of the queues (distributed.py)
+        kwargs["strategy"] = ddp_strategy(kwargs["strategy"])
     bar = rich_progress_bar() if kwargs.get("enable_progress_bar", True) else None  # None: Lightning's default
     callbacks += [bar] if bar is not None else []
     try:
@@ -212,15 +209,37 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()) -> pl.Tr
         raise ValueError(f"invalid trainer.* setting: {e}") from e
 
 
-def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
-    run_dir = Path(run_dir)
+def check_train_startup(cfg: DictConfig) -> None:
+    """Everything about ``cfg`` that can fail before any data is read or any network is built (also used by
+    ``cache_features``): mandatory keys, values, the accelerator, the teacher's file."""
+    check_mandatory(cfg)
     validate_train(cfg)
+    check_accelerator(cfg.trainer)
+    t = cfg.teacher
+    if t.checkpoint and t.format != "random" and not t.pretrain_if_missing:
+        check_file("teacher.checkpoint", t.checkpoint, "teacher checkpoint file")
+
+
+def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    check_train_startup(cfg)
+    warn_unused_settings(cfg)
+    # resume=auto with an earlier run's checkpoint continues in that run's directory (resume.py)
+    resume = prepare_resume(cfg.resume, run_dir)
+    run_dir = resume.run_dir
     check_writable(run_dir, "the run directory", cfg.safety.min_free_gb)
     if cfg.teacher.pretrain_if_missing:
         check_writable(cfg.cache_dir, "the cache directory (cache_dir)", cfg.safety.min_free_gb)
     pl.seed_everything(cfg.seed, workers=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    group, job_name = hydra_run_identity()  # multirun: W&B group = the sweep, run name = the job's overrides
+    logger = build_logger(cfg.logger, run_dir, cfg.run_name or job_name, resolved, group=group,
+                          history=resume.history)
+    history = HistoryCallback()
+    trainer = build_trainer(cfg, run_dir, logger, callbacks=[history])
+    plan_batch(cfg, trainer.world_size)  # an uneven split of the global batch fails now, before any data is read
     dm = build_datamodule(cfg.data)
     dm.setup("fit")
+    warn_queue_vs_data(cfg, dm.num_train)
     if cfg.teacher.cached:  # no teacher network: its features are looked up by dataset index
         teacher = cached_teacher(cfg, dm)
     else:
@@ -234,12 +253,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
         module.use_channels_last()
     if cfg.perf.compile:
         module.student.compile()
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    group, job_name = hydra_run_identity()  # multirun: W&B group = the sweep, run name = the job's overrides
-    logger = build_logger(cfg.logger, run_dir, cfg.run_name or job_name, resolved, group=group)
-    history = HistoryCallback()
-    trainer = build_trainer(cfg, run_dir, logger, callbacks=[history])
-    ckpt_path = resolve_resume(cfg.resume, run_dir)
+    apply_batch_plan(cfg, trainer, module, logger)  # global batch split over the processes; the learning rate
+    ckpt_path = resume.checkpoint
     # our own checkpoints hold RNG states (numpy arrays) besides tensors: trusted, so not weights-only
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=False)
     teacher.assert_frozen()
@@ -270,11 +285,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    quiet_known_noise()
-    try:
-        run_train(cfg, HydraConfig.get().runtime.output_dir)
-    except USER_ERRORS as e:
-        sys.exit(f"compress_lit.train: {type(e).__name__}: {e}")
+    run_entry("train", lambda: run_train(cfg, HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

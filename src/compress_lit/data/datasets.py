@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 
+DECODERS = ("pil", "torchvision")  # data.decoder of image folders
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -110,21 +111,28 @@ class TensorImageDataset(_SelectableDataset):
 
 
 class ImageFolderDataset(_SelectableDataset):
-    """Images read with PIL from ``samples`` (a list of ``(path, label)``); returns ``(image, label, index)``.
+    """Images read from ``samples`` (a list of ``(path, label)``); returns ``(image, label, index)``.
 
-    A file that PIL cannot decode is reported when it is loaded: ``__getitem__`` raises :class:`DatasetError`
-    naming the file (files are not opened up front; use :func:`verify_images` to scan a folder beforehand).
+    ``decoder="pil"``: a PIL image (RGB, or L for ``in_channels=1``). ``decoder="torchvision"``: a uint8
+    ``C x H x W`` tensor from ``torchvision.io.decode_image`` (JPEG, PNG, WebP, GIF; the same libjpeg-turbo as PIL,
+    pixel-identical on JPEGs; other formats such as BMP or TIFF are decoded by PIL and converted), for the
+    transforms' tensor path (``data.decoder``; benchmarks/bench_data.py). A file that cannot be decoded is
+    reported when it is loaded: ``__getitem__`` raises :class:`DatasetError` naming the file (files are not opened
+    up front; use :func:`verify_images` to scan a folder beforehand).
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], in_channels: int = 3,
-                 transform: Optional[Callable] = None, root: Optional[str] = None):
+                 transform: Optional[Callable] = None, root: Optional[str] = None, decoder: str = "pil"):
         if in_channels not in (1, 3):
             raise DatasetError(f"data.in_channels={in_channels} is not supported for image folders (use 1 or 3)")
+        if decoder not in DECODERS:
+            raise DatasetError(f"data.decoder={decoder!r} is invalid: choose one of {list(DECODERS)}")
         self.samples = list(samples)
         self.classes = list(classes)
         self.in_channels = in_channels
         self.transform = transform
         self.root = root
+        self.decoder = decoder
 
     @property
     def labels(self) -> torch.Tensor:
@@ -134,15 +142,32 @@ class ImageFolderDataset(_SelectableDataset):
         return len(self.samples)
 
     def load_image(self, index: int):
+        path, _ = self.samples[index]
+        if self.decoder == "torchvision":
+            return self._decode_torchvision(path)
+        return self._decode_pil(path)
+
+    def _decode_pil(self, path: str):
         from PIL import Image, UnidentifiedImageError
 
-        path, _ = self.samples[index]
         try:
             with Image.open(path) as img:
                 return img.convert("RGB" if self.in_channels == 3 else "L")
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
             raise DatasetError(f"cannot read image {path}: {e} (expected an image file PIL can decode; "
                                f"compress_lit.data.datasets.verify_images lists every unreadable file)") from e
+
+    def _decode_torchvision(self, path: str) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_image, read_file
+
+        try:
+            rgb = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        except RuntimeError:  # a format torchvision.io does not read (BMP, TIFF, PPM), or unreadable: PIL decides
+            from torchvision.transforms.v2.functional import pil_to_tensor
+
+            return pil_to_tensor(self._decode_pil(path)).contiguous()
+        # grey: PIL's RGB -> L of the decoded colours (libjpeg's own luma differs by a few levels at clipped colours)
+        return rgb if self.in_channels == 3 else pil_luma(rgb)
 
     def __getitem__(self, index: int):
         img = self.load_image(index)
@@ -155,6 +180,12 @@ class ImageFolderDataset(_SelectableDataset):
         other = copy.copy(self)
         other.samples = [self.samples[i] for i in indices]
         return other
+
+
+def pil_luma(rgb: torch.Tensor) -> torch.Tensor:
+    """PIL's ``convert("L")`` of a uint8 ``3 x H x W`` tensor: ``(19595 R + 38470 G + 7471 B + 2^15) >> 16``."""
+    r, g, b = rgb.to(torch.int32).unbind(0)
+    return ((r * 19595 + g * 38470 + b * 7471 + 32768) >> 16).to(torch.uint8)[None]
 
 
 # ------------------------------------------------------------------------------------------------- subsets
@@ -367,8 +398,9 @@ def load_imagefolder_splits(cfg) -> tuple[ImageFolderDataset, ImageFolderDataset
     class_to_idx = {c: i for i, c in enumerate(classes)}
     _, val_samples = scan_split(root / "val", class_to_idx)
     ch = int(cfg.in_channels)
-    return (ImageFolderDataset(train_samples, classes, ch, root=str(root / "train")),
-            ImageFolderDataset(val_samples, classes, ch, root=str(root / "val")))
+    decoder = getattr(cfg, "decoder", "pil")
+    return (ImageFolderDataset(train_samples, classes, ch, root=str(root / "train"), decoder=decoder),
+            ImageFolderDataset(val_samples, classes, ch, root=str(root / "val"), decoder=decoder))
 
 
 def load_splits(cfg) -> tuple[Any, Any]:

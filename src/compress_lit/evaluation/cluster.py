@@ -241,14 +241,16 @@ def _images_for(indices: Sequence[int], images=None, dataset=None, denormalize=N
 
 def plot_cluster_grid(path, cluster_ids, mapping, class_names: Sequence[str], images=None, dataset=None,
                       denormalize=None, rows: int = 10, cols: int = 10, seed: int = 0, cell_px: int = 64,
-                      label_cells: int = 2) -> dict[str, Any]:
+                      label_cells: int = 2, gap: float = 0.08) -> dict[str, Any]:
     """The paper's picture: ``rows`` random non-empty clusters (rows), ``cols`` random members each (columns,
     blank when a cluster is smaller), each row labelled with its mapped class name ("unmatched" for -1). No
     cherry-picking: clusters and members are drawn with ``seed``.
 
     Images: ``images`` (``N x C x H x W`` or ``N x H x W x C``, un-normalised, in [0, 1] or uint8) indexed like
     ``cluster_ids``, or ``dataset`` (``dataset[i][0]``) with ``denormalize`` mapping its output back to [0, 1].
-    The PNG is exactly ``((cols + label_cells) * cell_px) x (rows * cell_px)`` pixels.
+    The PNG is exactly ``((cols + label_cells) * cell_px) x (rows * cell_px)`` pixels; each image fills its
+    cell but for a white margin of ``gap / 2`` of the cell on every side (``gap=0.08``: 5 px between 64 px cells),
+    so neighbouring tiles do not touch.
     """
     import matplotlib
 
@@ -257,6 +259,8 @@ def plot_cluster_grid(path, cluster_ids, mapping, class_names: Sequence[str], im
 
     if (images is None) == (dataset is None):
         raise ValueError("pass exactly one of images= or dataset=")
+    if not 0 <= gap < 1:
+        raise ValueError(f"gap={gap} is invalid: need 0 <= gap < 1 (a fraction of a cell)")
     c = _np(cluster_ids, np.int64).reshape(-1)
     mapping = np.asarray(mapping)
     rng = np.random.default_rng(seed)
@@ -279,7 +283,8 @@ def plot_cluster_grid(path, cluster_ids, mapping, class_names: Sequence[str], im
                  va="center", fontsize=max(5, int(cell_px / 9)))
         imgs = _images_for(pick, images=images, dataset=dataset, denormalize=denormalize)
         for j in range(cols):
-            ax = fig.add_axes([(label_cells + j) / total_w, y0, 1.0 / total_w, 1.0 / rows])
+            ax = fig.add_axes([(label_cells + j + gap / 2) / total_w, y0 + gap / 2 / rows, (1.0 - gap) / total_w,
+                               (1.0 - gap) / rows])
             ax.set_axis_off()
             if j < len(imgs):
                 ax.imshow(imgs[j], cmap="gray" if imgs[j].ndim == 2 else None, vmin=0.0, vmax=1.0,

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from ..models import build_backbone, embedding_layer
 
 log = logging.getLogger(__name__)
@@ -47,20 +47,26 @@ def load_student_checkpoint(path: str | os.PathLike) -> LoadedModel:
     from .features import checkpoint_identity
 
     path = os.path.expanduser(str(path))
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # trusted: our own Lightning checkpoint
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # trusted: our own Lightning checkpoint
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint={path}: no such file") from None
+    except Exception as e:  # noqa: BLE001 - not a checkpoint at all (text, truncated): name the file
+        raise ConfigError(f"checkpoint={path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
     try:
         config = _plain(ckpt["hyper_parameters"]["config"])
         scfg = config["student"]
         state = ckpt["state_dict"]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a compress_lit checkpoint (need state_dict and "
-                         f"hyper_parameters.config.student; missing {e}); for a teacher file set model_format=") from e
+        raise ConfigError(f"checkpoint={path}: not a compress_lit checkpoint (need state_dict and "
+                          f"hyper_parameters.config.student; missing {e}); for a teacher file set "
+                          f"model_format=") from e
     for prefix in ("student.", "backbone."):
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if sub:
             break
     else:
-        raise ValueError(f"{path}: state_dict has no 'student.' or 'backbone.' keys")
+        raise ConfigError(f"checkpoint={path}: state_dict has no 'student.' or 'backbone.' keys")
     kw = {"fc_dim": scfg["fc_dim"]} if scfg.get("fc_dim") is not None else {}
     if any(k.startswith("fc.") for k in sub):
         kw["num_classes"] = int(sub["fc.weight"].shape[0])
@@ -69,8 +75,8 @@ def load_student_checkpoint(path: str | os.PathLike) -> LoadedModel:
     missing, unexpected = model.load_state_dict(sub, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(f"{path}: the '{prefix}' weights do not match {scfg['arch']}: missing {missing[:5]}, "
-                         f"unexpected {list(unexpected)[:5]}")
+        raise ConfigError(f"checkpoint={path}: the '{prefix}' weights do not match {scfg['arch']}: missing "
+                          f"{missing[:5]}, unexpected {list(unexpected)[:5]}")
     model.requires_grad_(False).eval()
     return LoadedModel(model=model, arch=scfg["arch"], identity=checkpoint_identity(path) + f"|{prefix}",
                        data=config.get("data"), name=scfg.get("name") or scfg["arch"])
@@ -82,12 +88,12 @@ def load_model(checkpoint: Optional[str], model_format: str = "student", model_s
 
     if model_format == "student":
         if not checkpoint:
-            raise ValueError("checkpoint=<path> is required")
+            raise ConfigError("checkpoint is required: add checkpoint=<path to a .ckpt file> to the command line")
         return load_student_checkpoint(checkpoint)
     spec = _plain(model_spec) or {}
     spec = dict(spec) if isinstance(spec, Mapping) else dataclasses.asdict(spec)
     if not spec.get("arch"):
-        raise ValueError(f"model_format={model_format!r} needs model.arch (the file does not record it)")
+        raise ConfigError(f"model_format={model_format!r} needs model.arch (the file does not record it)")
     from ..teacher import build_teacher
 
     tcfg = OmegaConf.create({"name": spec.get("name") or spec["arch"], "arch": spec["arch"], "format": model_format,
@@ -112,7 +118,7 @@ def resolve_data_config(checkpoint_data: Optional[Mapping], overrides: Any) -> D
         layers.append({k: v for k, v in dict(over).items() if v is not None})
     cfg = OmegaConf.merge(base, *layers)
     if OmegaConf.is_missing(cfg, "name"):
-        raise ValueError("no data config: pass data=<preset> (e.g. data=digits) or data.name=...; only "
+        raise ConfigError("no data config: pass data=<preset> (e.g. data=digits) or data.name=...; only "
                          "model_format=student checkpoints record the data they were trained on")
     return cfg
 

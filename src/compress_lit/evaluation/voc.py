@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.workers import cap_num_workers
+
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")
@@ -117,7 +119,7 @@ class VOC07DataModule:
         t = voc_transform(image_size, resize_size, mean, std)
         self.trainval = VOC07Dataset(root, "trainval", t)
         self.test = VOC07Dataset(root, "test", t)
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers = batch_size, cap_num_workers(num_workers)
         self.class_names = list(VOC_CLASSES)
         self.num_classes = len(VOC_CLASSES)
 

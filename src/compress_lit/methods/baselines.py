@@ -25,7 +25,8 @@ optimiser and schedule, checkpoints and the after-backward flush discipline).
   image, looked up by its dataset index. The teacher is not run during training. Under DDP process 0 extracts
   the features and runs the k-means while the others wait in the broadcast of the ids (with a large teacher on
   ImageNet, give the DDP strategy a ``timeout`` longer than that). Paper: ``k = 16,000`` on
-  ImageNet, cosine lr 0.1, 100 epochs (``optim.scheduler=cosine optim.lr=0.1 optim.epochs=100``).
+  ImageNet, cosine lr 0.1, 100 epochs; the official script adds Nesterov and no weight decay on BatchNorm
+  (``optim=cc``; the presets ``experiment=paper/cc_*`` set all of it).
 * :class:`Supervised` (``supervised``): a linear classifier on the student embedding, cross-entropy on the true
   labels; the teacher is never run.
 * **MoCo from scratch** needs no module here: it is ``python -m compress_lit.pretrain`` with the student's

@@ -31,7 +31,7 @@ def build_backbone(arch: str, small_input: bool = False, width_multiplier: float
 
 
 def embedding_layer(arch: str) -> str:
-    """The layer whose output is the architecture's embedding (PAPER.md: AlexNet fc7, others the pool)."""
+    """The layer whose output is the architecture's embedding (docs/paper.md: AlexNet fc7, others the pool)."""
     return "fc7" if arch == "alexnet" else "pool"
 
 
