@@ -130,10 +130,15 @@ def test_lightning_probe_keeps_backbone_frozen_and_reports_final_epoch(tmp_path)
     assert res["epochs"] == 3 and len(res["history"]) == 3 and res["top1"] == res["history"][-1]
     assert res[BEST_LABEL]["top1"] == max(res["history"])
     assert res["top1"] > 90.0  # the two classes are shifted by +-1 per pixel
-    # any layer: spatial maps are average-pooled
+    # any layer: spatial maps are average-pooled, globally (pooled_dim=None) or to ~pooled_dim numbers (the
+    # default 9216: 8 channels x 34 x 34 wanted, the 6 x 6 map is not upsampled -> 8 x 6 x 6 = 288)
+    from dataclasses import replace
+
     mean, std = torch.zeros(8), torch.ones(8)
-    probe = LinearProbe(bb, 2, mean, std, cfg, layer="conv")
+    probe = LinearProbe(bb, 2, mean, std, replace(cfg, pooled_dim=None), layer="conv")
     probe.train()
     assert not bb.training and not bb.bn.training and probe.head.training
     assert probe(torch.randn(3, 1, 6, 6)).shape == (3, 2)
+    probe = LinearProbe(bb, 2, torch.zeros(288), torch.ones(288), cfg, layer="conv")
+    assert probe(torch.randn(3, 1, 6, 6)).shape == (3, 2) and probe.head.fc.in_features == 288
     assert all(not p.requires_grad for p in bb.parameters())

@@ -404,10 +404,16 @@ def test_cluster_grid_tiles_do_not_touch(tmp_path):
     assert px[16, 2 * 32 + 16] < 50  # a tile itself is black
 
 
-def test_known_noise_is_quiet():
+def test_known_noise_is_quiet(caplog):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         startup.quiet_known_noise()
         warnings.warn("Found 1 module(s) in eval mode at the start of training.", UserWarning)
     assert not caught
     assert logging.getLogger("faiss.loader").getEffectiveLevel() >= logging.WARNING
+    from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+    with caplog.at_level(logging.INFO):
+        rank_zero_info("💡 Tip: For seamless cloud logging, try installing something")
+        rank_zero_info("GPU available: False, used: False")
+    assert "Tip" not in caplog.text and "GPU available" in caplog.text

@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 TEACHER_FORMATS = ("moco", "swav", "simclr_tf", "simclr_converted", "torchvision", "compress_lit", "random")
 METHODS = ("compress_2q", "compress_2q_nomomentum", "compress_1q",
            # the paper's baselines (methods/baselines.py); "MoCo from scratch" is `compress_lit.pretrain`
-           "regression", "regression_bn", "crd", "cc", "supervised")
+           "regression", "regression_bn", "crd", "cc", "supervised",
+           # the later self-supervised distillation methods (docs/family.md)
+           "seed", "simreg", "disco")
 
 
 class ConfigError(ValueError):
@@ -106,6 +108,16 @@ class MethodConfig:
     # number of training images; the paper: 16,000 on ImageNet) and k-means iterations
     cc_clusters: Optional[int] = None
     cc_kmeans_iters: int = 20
+    # SEED (method.temperature: the teacher's, method.student_temperature: the student's): hidden width of the
+    # student's MLP head (None: the student's embedding width, as SEED's Linear d->d, ReLU, Linear)
+    seed_hidden_dim: Optional[int] = None
+    # SimReg: linear layers of the prediction head (4: SimReg's projection + prediction heads; 1: one linear layer)
+    simreg_head_depth: int = 4
+    # DisCo (method.temperature / momentum / queue_size: its MoCo v2's): weight of the consistency with the teacher,
+    # hidden width of the projector, BatchNorm groups of the shuffled-BN encoders (None: auto, batch // 32)
+    disco_weight: float = 1.0
+    disco_hidden_dim: int = 2048
+    disco_bn_splits: Optional[int] = None
 
 
 @dataclass
@@ -317,8 +329,14 @@ def validate_train(cfg: DictConfig) -> None:
     _one_of(cfg, "teacher.format", TEACHER_FORMATS)
     _one_of(cfg, "method.queue_dtype", ("float32", "float16", "bfloat16"))
     for key in ("method.crd_dim", "method.crd_negatives", "method.crd_temperature", "method.cc_clusters",
-                "method.cc_kmeans_iters", "student.train_head_dim"):
+                "method.cc_kmeans_iters", "student.train_head_dim", "method.seed_hidden_dim",
+                "method.simreg_head_depth", "method.disco_hidden_dim", "method.disco_bn_splits"):
         _positive(cfg, key)
+    _positive(cfg, "method.disco_weight", strict=False)
+    splits = OmegaConf.select(cfg, "method.disco_bn_splits")
+    if cfg.method.name == "disco" and splits is not None and splits > 1 and cfg.data.batch_size < 2 * splits:
+        raise ConfigError(f"method.disco_bn_splits={splits} is invalid for data.batch_size={cfg.data.batch_size}: "
+                          "every BatchNorm group needs at least 2 samples (batch_size >= 2 x disco_bn_splits)")
     crd_m = OmegaConf.select(cfg, "method.crd_memory_momentum", default=0.5)
     if not 0 <= crd_m < 1:
         raise ConfigError(f"method.crd_memory_momentum={crd_m} is invalid: need 0 <= m < 1")
@@ -328,6 +346,9 @@ def validate_train(cfg: DictConfig) -> None:
         raise ConfigError(f"teacher.checkpoint is required for teacher.format={cfg.teacher.format!r}")
     if cfg.method.one_queue and cfg.method.use_momentum_encoder:
         raise ConfigError("method.one_queue=true uses no student queue: set method.use_momentum_encoder=false")
+    if cfg.method.name == "disco" and OmegaConf.select(cfg, "teacher.cached", default=False):
+        raise ConfigError("method=disco runs the teacher on both augmented views of each image: it does not support "
+                          "teacher.cached=true")
 
 
 def validate_pretrain(cfg: DictConfig) -> None:
@@ -346,7 +367,9 @@ def validate_pretrain(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------- silent no-ops: warnings
-MOMENTUM_STUDENT_METHODS = ("compress_2q",)  # the methods whose momentum student reads method.momentum
+# the methods whose momentum encoder reads method.momentum (when method.use_momentum_encoder=true: any CompReSS
+# variant's momentum student, e.g. compress_2q_nomomentum switched back on)
+MOMENTUM_STUDENT_METHODS = ("compress_2q", "compress_2q_nomomentum", "compress_1q", "disco")
 
 
 def warn_unused_settings(cfg: DictConfig) -> list[str]:
@@ -360,8 +383,8 @@ def warn_unused_settings(cfg: DictConfig) -> list[str]:
     if not uses_momentum and m.momentum != default:
         why = ("method.use_momentum_encoder=false" if m.name.startswith("compress") else f"method={m.name}")
         messages.append(f"method.momentum={m.momentum} is ignored: {why} has no momentum student (only "
-                        f"method=compress_2q with method.use_momentum_encoder=true uses it), so runs that differ "
-                        f"only in method.momentum are identical")
+                        f"method=compress_2q with method.use_momentum_encoder=true and method=disco use it), so "
+                        f"runs that differ only in method.momentum are identical")
     for msg in messages:
         log.warning(msg)
     return messages
@@ -375,7 +398,7 @@ def warn_queue_vs_data(cfg: DictConfig, num_train: int) -> list[str]:
     messages = []
     name = OmegaConf.select(cfg, "method.name", default="")
     q = OmegaConf.select(cfg, "method.queue_size")
-    uses_queue = name in ("compress_2q", "compress_2q_nomomentum", "compress_1q", "mocov2")
+    uses_queue = name in ("compress_2q", "compress_2q_nomomentum", "compress_1q", "mocov2", "seed", "disco")
     if uses_queue and q is not None and num_train and q > num_train:
         messages.append(f"method.queue_size={q} is larger than the training set ({num_train} images): most anchors "
                         f"stay random for the first {q / num_train:.1f} epochs and each image recurs in the queue; "

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError
 from .evaluation.settings import EVALUATIONS, MODEL_FORMATS, register_eval_configs
 from .paths import config_dir
-from .startup import check_accelerator, check_device, check_file, check_mandatory, quiet_known_noise, run_entry
+from .startup import check_accelerator, check_device, check_file, check_mandatory, run_entry
 
 log = logging.getLogger("compress_lit.evaluate")
 CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
@@ -78,13 +78,16 @@ def confusion_title(res) -> str:
     return title
 
 
-def extract_split_features(loaded, dm, data_cfg, layer, device, cache, progress):
-    """(train_x, train_y, test_x, test_y) of the centre-crop train split and the val split, cached."""
+def extract_split_features(loaded, dm, data_cfg, layer, device, cache, progress, ten_crop: bool = False):
+    """(train_x, train_y, test_x, test_y) of the centre-crop train split and the val split, cached.
+    ``ten_crop``: the val split 10-cropped, ``test_x`` then ``N x 10 x D`` (evaluation/ten_crop.py)."""
     from .evaluation.features import describe_loader, extract_features, feature_cache_key
+    from .evaluation.ten_crop import ten_crop_loader
 
     data_key = json.dumps(OmegaConf.to_container(data_cfg, resolve=True), sort_keys=True)
     out = []
-    for split, loader in (("train", dm.train_eval_dataloader()), ("val", dm.val_dataloader())):
+    val_loader = ten_crop_loader(dm, data_cfg) if ten_crop else dm.val_dataloader()
+    for split, loader in (("train", dm.train_eval_dataloader()), ("val", val_loader)):
         key = (feature_cache_key(loaded.identity, loaded.layer_name(layer), split, data=data_key,
                                  **describe_loader(loader)) if cache is not None else None)
         out.extend(extract_features(loaded.model, loader, device, progress, layer=layer, cache=cache, cache_key=key,
@@ -94,25 +97,27 @@ def extract_split_features(loaded, dm, data_cfg, layer, device, cache, progress)
 
 def results_markdown(results: dict[str, Any], header: str = "") -> str:
     rows = []
+    crop = ", 10-crop" if results.get("ten_crop") else ""  # every number of the held-out split says how it was cut
     if "knn" in results:
         for key, v in results["knn"].items():
             top, k = key.split("_k")
-            rows.append(("k-NN", f"{top.replace('top', 'top-')} (k={k})", f"{v:.2f}"))
+            rows.append(("k-NN", f"{top.replace('top', 'top-')} (k={k}{crop})", f"{v:.2f}"))
     if "cluster" in results:
         c = results["cluster"]
         n = len(c["seeds"])
-        rows.append(("cluster alignment", f"accuracy (k={c['k']}, {n} seeds)",
+        rows.append(("cluster alignment", f"accuracy (k={c['k']}, {n} seeds{crop})",
                      f"{c['acc_mean']:.2f} ± {c['acc_std']:.2f}"))
-        rows.append(("cluster alignment", "NMI (val)", f"{c['nmi_mean']:.4f} ± {c['nmi_std']:.4f}"))
-        rows.append(("cluster alignment", "ARI (val)", f"{c['ari_mean']:.4f} ± {c['ari_std']:.4f}"))
+        rows.append(("cluster alignment", f"NMI (val{crop})", f"{c['nmi_mean']:.4f} ± {c['nmi_std']:.4f}"))
+        rows.append(("cluster alignment", f"ARI (val{crop})", f"{c['ari_mean']:.4f} ± {c['ari_std']:.4f}"))
     if "linear" in results:
         li = results["linear"]
-        rows.append(("linear", f"top-1 (final epoch {li['epochs']})", f"{li['top1']:.2f}"))
+        rows.append(("linear", f"top-1 (final epoch {li['epochs']}{crop})", f"{li['top1']:.2f}"))
         if "top5" in li:
-            rows.append(("linear", "top-5 (final epoch)", f"{li['top5']:.2f}"))
+            rows.append(("linear", f"top-5 (final epoch{crop})", f"{li['top5']:.2f}"))
         best = li.get("best (not the reported number)")
         if best:
-            rows.append(("linear", f"best (not the reported number), epoch {best['epoch']}", f"{best['top1']:.2f}"))
+            rows.append(("linear", f"best (not the reported number), epoch {best['epoch']}{crop}",
+                         f"{best['top1']:.2f}"))
     if "voc" in results:
         rows.append(("VOC07 classification", f"mAP ({results['voc']['ap_kind']} AP, %)", f"{results['voc']['mAP']:.2f}"))
     w = [max(len(r[i]) for r in rows + [("evaluation", "metric", "value")]) for i in range(3)]
@@ -128,6 +133,7 @@ def run_evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     from .data import build_datamodule
     from .evaluation.features import FeatureCache, save_features
     from .evaluation.loading import denormalizer, load_model, resolve_data_config, resolve_device
+    from .evaluation.ten_crop import crop_mean_features
 
     _check(cfg)
     out_dir = Path(out_dir)
@@ -146,8 +152,9 @@ def run_evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         dm.setup("fit")
         t0 = time.perf_counter()
         train_x, train_y, test_x, test_y = extract_split_features(loaded, dm, data_cfg, layer, device, cache,
-                                                                  cfg.progress)
-        results.update({"num_train": int(len(train_y)), "num_val": int(len(test_y)),
+                                                                  cfg.progress, ten_crop=cfg.ten_crop)
+        query_x = crop_mean_features(test_x)  # 10-crop: the mean of the crops' L2-normalised features
+        results.update({"num_train": int(len(train_y)), "num_val": int(len(test_y)), "ten_crop": bool(cfg.ten_crop),
                         "num_classes": int(dm.num_classes), "feature_dim": int(train_x.shape[1]),
                         "feature_seconds": round(time.perf_counter() - t0, 3)})
         if cfg.save_features:
@@ -157,14 +164,14 @@ def run_evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     if "knn" in cfg.eval:
         from .evaluation.knn import knn_evaluate
 
-        results["knn"] = knn_evaluate(train_x, train_y, test_x, test_y, ks=list(cfg.knn.k),
+        results["knn"] = knn_evaluate(train_x, train_y, query_x, test_y, ks=list(cfg.knn.k),
                                       num_classes=dm.num_classes, weighting=cfg.knn.weighting,
                                       temperature=cfg.knn.temperature, backend=cfg.knn.backend, device=device)
     if "cluster" in cfg.eval:
         from .evaluation.cluster import cluster_alignment, plot_cluster_grid, plot_confusion
 
         c = cfg.cluster
-        res = cluster_alignment(train_x, train_y, test_x, test_y, num_classes=dm.num_classes, k=c.k, niter=c.niter,
+        res = cluster_alignment(train_x, train_y, query_x, test_y, num_classes=dm.num_classes, k=c.k, niter=c.niter,
                                 seeds=c.seeds, normalize=c.normalize)
         results["cluster"] = res.summary()
         if c.pictures:
@@ -179,15 +186,25 @@ def run_evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         from .evaluation.linear import linear_probe_on_features, run_linear_probe
 
         lcfg = OmegaConf.to_object(cfg.linear)
-        if lcfg.mode == "features":
+        val = "10-crop val (softmax averaged)" if cfg.ten_crop else "centre-crop val"
+        if layer is not None:  # a layer's map is pooled to ~linear.pooled_dim numbers for the probe: its own features
+            from .evaluation.per_layer import linear_per_layer
+
+            res = linear_per_layer(loaded, dm, data_cfg, [layer], lcfg, device, cache, cfg.progress,
+                                   ten_crop=cfg.ten_crop,
+                                   trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True),
+                                   default_root_dir=str(out_dir / "linear"))[0][layer]
+        elif lcfg.mode == "features":
             res = linear_probe_on_features(train_x, train_y, test_x, test_y, dm.num_classes, lcfg, device=device)
             res = {k: v for k, v in res.items() if k not in ("mean", "std", "head")}
-            res["protocol"] = "features (precomputed centre-crop features, no augmentation)"
         else:
             res = run_linear_probe(loaded.model, data_cfg, lcfg, layer=layer, train_feats=train_x,
                                    trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True), device=device,
-                                   progress=cfg.progress, default_root_dir=str(out_dir / "linear"))
-            res["protocol"] = "full (frozen backbone, RandomResizedCrop + flip, centre-crop val)"
+                                   progress=cfg.progress, default_root_dir=str(out_dir / "linear"),
+                                   ten_crop=cfg.ten_crop)
+        res["protocol"] = (f"features (precomputed centre-crop train features, no augmentation; {val})"
+                           if lcfg.mode == "features" else
+                           f"full (frozen backbone, RandomResizedCrop + flip; {val})")
         results["linear"] = res
     if "voc" in cfg.eval:
         from .evaluation.voc import evaluate_voc07
@@ -226,7 +243,6 @@ def _json_default(o):
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
-    quiet_known_noise()
     run_entry("evaluate", lambda: run_evaluate(cfg, HydraConfig.get().runtime.output_dir))
 
 

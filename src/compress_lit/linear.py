@@ -4,6 +4,12 @@ Same model/data options as ``compress_lit.evaluate`` (``model_format=``, ``model
 ``linear.*`` holds the probe's hyper-parameters (``linear.mode=features`` trains on precomputed centre-crop features
 without augmentation, fast). Writes ``linear_results.json`` to the run directory and prints the final epoch's
 top-1 (the reported number) and the best epoch's, labelled "best (not the reported number)".
+
+``layers=[conv1,conv2,...]`` or ``layer=all``: the paper's per-layer table, one head per layer over one backbone
+pass (:mod:`compress_lit.evaluation.per_layer`); prints a row with a column per layer, the best in bold, and writes
+``linear_results.md``. Conv maps are average-pooled to about ``linear.pooled_dim`` (9,216) numbers.
+``ten_crop=true`` scores the held-out images by 10-crop (:mod:`compress_lit.evaluation.ten_crop`).
+``data=places205 data.root=...`` (or any ImageFolder tree with train/ and val/) gives the paper's Places column.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError
 from .evaluation.settings import register_eval_configs
 from .paths import config_dir
-from .startup import check_accelerator, check_mandatory, quiet_known_noise, run_entry
+from .startup import check_accelerator, check_mandatory, run_entry
 
 log = logging.getLogger("compress_lit.linear")
 CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
@@ -28,55 +34,67 @@ register_eval_configs()
 
 
 def run_linear(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    from .evaluate import check_model_inputs, extract_split_features
     from .data import build_datamodule
-    from .evaluation.features import FeatureCache
-    from .evaluation.linear import BEST_LABEL, linear_probe_on_features, run_linear_probe
+    from .evaluation.features import FeatureCache, save_features
+    from .evaluation.linear import BEST_LABEL
     from .evaluation.loading import load_model, resolve_data_config, resolve_device
+    from .evaluation.per_layer import best_layer, linear_per_layer, per_layer_table, resolve_layers
+    from .evaluation.ten_crop import LABEL as TEN_CROP
+    from .evaluate import check_model_inputs
 
     check_mandatory(cfg)
     if cfg.linear.mode not in ("full", "features"):
         raise ConfigError(f"linear.mode={cfg.linear.mode!r} is invalid: choose full or features")
+    if cfg.linear.pooled_dim is not None and cfg.linear.pooled_dim < 1:
+        raise ConfigError(f"linear.pooled_dim={cfg.linear.pooled_dim} must be a positive number of features "
+                          f"(or null: global average pooling)")
     check_model_inputs(cfg)  # as compress_lit.evaluate: checkpoint= exists, device= is there
     if cfg.linear.mode == "full":
         check_accelerator(cfg.trainer)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
     loaded = load_model(cfg.checkpoint, cfg.model_format, cfg.model)
+    layers = resolve_layers(loaded.model, cfg.layer, cfg.layers, loaded.arch)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     data_cfg = resolve_data_config(loaded.data, cfg.data)
     device = resolve_device(cfg.device)
     loaded.model.to(device)
-    layer = cfg.layer or None
     lcfg = OmegaConf.to_object(cfg.linear)
     cache = FeatureCache(cfg.cache_dir) if (cfg.cache and cfg.model_format != "random") else None
     dm = build_datamodule(data_cfg)
     dm.setup("fit")
-    train_x, train_y, test_x, test_y = extract_split_features(loaded, dm, data_cfg, layer, device, cache,
-                                                              cfg.progress)
-    if lcfg.mode == "features":
-        res = linear_probe_on_features(train_x, train_y, test_x, test_y, dm.num_classes, lcfg, device=device)
-        res = {k: v for k, v in res.items() if k not in ("mean", "std", "head")}
-    elif lcfg.mode == "full":
-        res = run_linear_probe(loaded.model, data_cfg, lcfg, layer=layer, train_feats=train_x,
-                               trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True), device=device,
-                               progress=cfg.progress, default_root_dir=str(out_dir))
-    else:
-        raise ValueError(f"linear.mode={lcfg.mode!r} is invalid: choose full or features")
-    res.update({"checkpoint": str(cfg.checkpoint), "arch": loaded.arch, "layer": loaded.layer_name(layer),
-                "data": data_cfg.name, "mode": lcfg.mode})
+    per_layer, scored = linear_per_layer(loaded, dm, data_cfg, layers, lcfg, device, cache, cfg.progress,
+                                         ten_crop=cfg.ten_crop,
+                                         trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True),
+                                         default_root_dir=str(out_dir))
+    scoring = TEN_CROP if cfg.ten_crop else "centre crop"
+    common = {"checkpoint": str(cfg.checkpoint), "arch": loaded.arch, "data": data_cfg.name, "mode": lcfg.mode,
+              "ten_crop": bool(cfg.ten_crop), "pooled_dim": lcfg.pooled_dim}
+    if lcfg.mode == "features":  # the exact features each head was trained and scored on
+        for name, (tx, ty, vx, vy) in scored.items():
+            fname = "features.npz" if len(layers) == 1 else f"features_{loaded.layer_name(name)}.npz"
+            save_features(out_dir / fname, tx.numpy(), ty.numpy(), vx.numpy(), vy.numpy())
+    if len(layers) == 1:
+        res = {**per_layer[layers[0]], **common, "layer": loaded.layer_name(layers[0])}
+        (out_dir / "linear_results.json").write_text(json.dumps(res, indent=2))
+        best = res.get(BEST_LABEL, {})
+        print(f"\nlinear probe ({loaded.arch}, layer {res['layer']}, {data_cfg.name}, mode {lcfg.mode}, {scoring}): "
+              f"top-1 {res['top1']:.2f}% after {res['epochs']} epochs"
+              + (f"; {BEST_LABEL}: {best['top1']:.2f}% at epoch {best['epoch']}" if best else "") + "\n", flush=True)
+        return res
+    by_name = {loaded.layer_name(name): r for name, r in per_layer.items()}
+    label = f"{loaded.name} ({loaded.arch}) on {data_cfg.name}, mode {lcfg.mode}"
+    table = per_layer_table(by_name, label, ten_crop=bool(cfg.ten_crop))
+    res = {**common, "layers": by_name, "best_layer": best_layer(by_name), "table": table}
     (out_dir / "linear_results.json").write_text(json.dumps(res, indent=2))
-    best = res.get(BEST_LABEL, {})
-    print(f"\nlinear probe ({loaded.arch}, layer {res['layer']}, {data_cfg.name}, mode {lcfg.mode}): "
-          f"top-1 {res['top1']:.2f}% after {res['epochs']} epochs"
-          + (f"; {BEST_LABEL}: {best['top1']:.2f}% at epoch {best['epoch']}" if best else "") + "\n", flush=True)
+    (out_dir / "linear_results.md").write_text(table + "\n")
+    print("\n" + table + "\n", flush=True)
     return res
 
 
 @hydra.main(config_path=CONF_DIR, config_name="linear", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
-    quiet_known_noise()
     run_entry("linear", lambda: run_linear(cfg, HydraConfig.get().runtime.output_dir))
 
 

@@ -143,11 +143,21 @@ def check_device(device: Any, key: str = "device") -> None:
 
 
 # ------------------------------------------------------------------------------------------------ noise
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertising lines ("💡 Tip: ... try installing ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
 def quiet_known_noise() -> None:
     """Silence what says nothing to the user: Lightning's eval-mode warning (the frozen teacher and an evaluated
     backbone are in eval mode on purpose), faiss' loader INFO lines (it tries its optional AVX builds), Lightning's
     tips, and the hook overrides that are ours on purpose."""
-    os.environ.setdefault("PYTORCH_LIGHTNING_DISABLE_TIPS", "1")
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in lg.filters):
+            lg.addFilter(_NoTips())
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*overridden `on_(before|after)_batch_transfer`.*")  # on purpose

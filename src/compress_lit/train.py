@@ -31,6 +31,9 @@ from .evaluation.suite import evaluate_models, format_table
 from .loggers import build_logger
 from .methods import CompReSS, DistillationModule
 from .methods.baselines import CRD, ClusterClassification, Regression, Supervised
+from .methods.disco import DisCo
+from .methods.seed import SEED
+from .methods.simreg import SimReg
 from .models import build_backbone
 from .paths import config_dir
 from .reporting import HistoryCallback, end_of_run, hydra_run_identity, rich_progress_bar
@@ -98,11 +101,34 @@ def _supervised(cfg, student, teacher, dm, config):
                       config=config, train_head_dim=cfg.student.train_head_dim)
 
 
+def _seed(cfg, student, teacher, dm, config):
+    m = cfg.method  # method.temperature: the teacher's; method.student_temperature (null: the same): the student's
+    return SEED(student, teacher, cfg.optim, queue_size=m.queue_size, teacher_temperature=m.temperature,
+                student_temperature=m.student_temperature or m.temperature, hidden_dim=m.seed_hidden_dim,
+                queue_dtype=m.queue_dtype, config=config, train_head_dim=cfg.student.train_head_dim)
+
+
+def _simreg(cfg, student, teacher, dm, config):
+    return SimReg(student, teacher, cfg.optim, head_depth=cfg.method.simreg_head_depth, config=config,
+                  train_head_dim=cfg.student.train_head_dim)
+
+
+def _disco(cfg, student, teacher, dm, config):
+    m = cfg.method
+    return DisCo(student, teacher, cfg.optim, queue_size=m.queue_size, temperature=m.temperature,
+                 momentum=m.momentum, weight=m.disco_weight, hidden_dim=m.disco_hidden_dim,
+                 bn_splits=m.disco_bn_splits, queue_dtype=m.queue_dtype, config=config,
+                 train_head_dim=cfg.student.train_head_dim)
+
+
 # method.name -> constructor(cfg, student, teacher, datamodule, resolved config)
 METHOD_BUILDERS = {
     "compress_2q": _compress, "compress_2q_nomomentum": _compress, "compress_1q": _compress,
     "regression": _regression, "regression_bn": _regression, "crd": _crd, "cc": _cc, "supervised": _supervised,
+    "seed": _seed, "simreg": _simreg, "disco": _disco,
 }
+# augmented views per training image, for the methods that need more than one (the datamodule's MultiView)
+METHOD_VIEWS = {"disco": DisCo.train_views}
 
 
 def build_method(cfg: DictConfig, student, teacher, dm=None) -> DistillationModule:
@@ -190,6 +216,7 @@ def eval_callbacks(ecfg) -> list[pl.Callback]:
 def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()) -> pl.Trainer:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
+    check_accelerator(cfg.trainer)  # a ConfigError naming trainer.accelerator, not Lightning's traceback
     callbacks = [*callbacks, *eval_callbacks(cfg.eval)]
     # Every epoch: the newest checkpoint (top-1 without a monitor = the latest) and `last.ckpt` linking to it.
     # save_on_train_epoch_end: there is no validation loop (the val split serves the evaluations), so the
@@ -237,7 +264,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
     history = HistoryCallback()
     trainer = build_trainer(cfg, run_dir, logger, callbacks=[history])
     plan_batch(cfg, trainer.world_size)  # an uneven split of the global batch fails now, before any data is read
-    dm = build_datamodule(cfg.data)
+    dm = build_datamodule(cfg.data, views=METHOD_VIEWS.get(cfg.method.name, 1))
     dm.setup("fit")
     warn_queue_vs_data(cfg, dm.num_train)
     if cfg.teacher.cached:  # no teacher network: its features are looked up by dataset index

@@ -4,7 +4,10 @@
   module), gradients are off;
 * any layer: ``layer=None`` is the model's embedding (``forward``); otherwise ``forward_features(x, (layer,))``
   (AlexNet ``conv1``..``fc7``, ResNet ``stem``/``layer1``..``layer4``/``pool``, MobileNet ``features``/``pool``);
-  spatial maps ``N x C x H x W`` are global-average-pooled, anything else is flattened to ``N x D``;
+  spatial maps ``N x C x H x W`` are global-average-pooled (or, with ``pooled_dim``, average-pooled to a grid of
+  about that many numbers: :func:`vectorize`, the linear probe's per-layer convention), anything else is
+  flattened to ``N x D``; several layers come from one forward pass (:func:`extract_layer_features`);
+* 10-crop batches ``B x crops x C x H x W`` give ``B x crops x D`` features;
 * batched over a loader yielding ``(x, y, index)``; results are returned in dataset order (sorted by ``index``);
 * DDP: each process extracts its shard and passes it through ``gather`` (a callable concatenating a tensor over
   processes along dim 0, e.g. :func:`distributed_gather`); :func:`merge_shards` then sorts by index and drops the
@@ -17,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -67,6 +71,56 @@ def layer_fn(model: Any, layer: Optional[str] = None) -> Callable[[torch.Tensor]
     if names and layer not in names:
         raise ValueError(f"unknown layer {layer!r} for {type(model).__name__}; choose one of {list(names)}")
     return lambda x: pool_features(model.forward_features(x, (layer,))[layer])
+
+
+def pooled_grid(channels: int, height: int, width: int, pooled_dim: int) -> int:
+    """Side ``s`` of the ``s x s`` grid a ``channels x height x width`` map is average-pooled to so that it gives
+    about ``pooled_dim`` numbers: ``s = round(sqrt(pooled_dim / channels))``, at least 1 and at most the map's
+    shorter side (a map is never upsampled). AlexNet at 224 px with ``pooled_dim=9216``: conv1 64 x 55 x 55 ->
+    12 x 12 (9,216), conv2 192 x 27 x 27 -> 7 x 7 (9,408), conv3 384 x 13 x 13 -> 5 x 5 (9,600), conv4 and conv5
+    256 x 13 x 13 -> 6 x 6 (9,216)."""
+    s = int(round(math.sqrt(pooled_dim / max(1, channels))))
+    return max(1, min(s, height, width))
+
+
+def vectorize(t: torch.Tensor, pooled_dim: Optional[int] = None) -> torch.Tensor:
+    """One vector per sample from a layer's output. ``N x C x H x W`` maps: ``pooled_dim=None`` global average
+    pool (``N x C``, :func:`pool_features`); otherwise adaptive average pool to the :func:`pooled_grid` of
+    ``pooled_dim`` and flatten (``N x C*s*s``, channel-major). Anything else as :func:`pool_features`."""
+    if t.ndim == 4 and pooled_dim:
+        s = pooled_grid(t.shape[1], t.shape[2], t.shape[3], int(pooled_dim))
+        return F.adaptive_avg_pool2d(t, s).flatten(1)
+    return pool_features(t)
+
+
+def layers_fn(model: Any, layers: Sequence[Optional[str]], pooled_dim: Optional[int] = None
+              ) -> Callable[[torch.Tensor], dict[Optional[str], torch.Tensor]]:
+    """The function mapping a batch to ``{layer: N x D}`` for several layers in **one** forward pass
+    (``forward_features(x, layers)``); ``None`` stands for the embedding (``forward``). Spatial maps are turned
+    into vectors by :func:`vectorize` with ``pooled_dim``. A ``B x crops x C x H x W`` batch (10-crop) gives
+    ``B x crops x D`` features."""
+    layers = list(layers)
+    named = [name for name in layers if name is not None]
+    if named:
+        layer_fn(model, named[0])  # the checks: forward_features exists, the names are known
+        for name in named[1:]:
+            layer_fn(model, name)
+
+    def run(x: torch.Tensor) -> dict[Optional[str], torch.Tensor]:
+        crops = x.shape[1] if x.ndim == 5 else None
+        if crops is not None:
+            x = x.flatten(0, 1)
+        out: dict[Optional[str], torch.Tensor] = {}
+        if named:
+            maps = model.forward_features(x, tuple(named))
+            out.update({name: vectorize(maps[name], pooled_dim) for name in named})
+        if None in layers:
+            out[None] = vectorize(model(x), pooled_dim)
+        if crops is not None:
+            out = {k: v.reshape(-1, crops, *v.shape[1:]) for k, v in out.items()}
+        return {name: out[name] for name in layers}
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------- DDP helpers
@@ -180,23 +234,50 @@ def _is_rank_zero() -> bool:
 def extract_features(model: nn.Module | Callable, loader, device: str | torch.device = "cpu",
                      progress: bool = False, *, layer: Optional[str] = None, gather: Optional[Gather] = None,
                      cache: FeatureCache | str | os.PathLike | None = None, cache_key: Optional[str] = None,
-                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+                     desc: str = "features", pooled_dim: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the frozen ``model`` over ``loader`` (yielding ``(x, y, index)``); return ``(features, labels)`` in
-    dataset-index order, features ``N x D`` float32 on the CPU.
+    dataset-index order, features ``N x D`` float32 on the CPU (``N x crops x D`` when the loader yields
+    ``B x crops x C x H x W`` batches, as the 10-crop loader does).
 
-    ``layer``: ``None`` for the embedding, else a name of ``model.layer_names`` (spatial maps are average-pooled).
+    ``layer``: ``None`` for the embedding, else a name of ``model.layer_names`` (spatial maps are average-pooled:
+    globally, or to about ``pooled_dim`` numbers, :func:`vectorize`).
     ``gather``: under DDP, a callable concatenating a tensor over processes (each process runs its shard).
     ``cache`` + ``cache_key`` (see :func:`feature_cache_key`): reuse features saved by an earlier call; the model is
     not run at all on a hit. Only rank 0 writes the cache.
     """
+    out = extract_layer_features(model, loader, [layer], device, progress, gather=gather, cache=cache,
+                                 cache_keys={layer: cache_key}, desc=desc, pooled_dim=pooled_dim)
+    return out[layer]
+
+
+@torch.no_grad()
+def extract_layer_features(model: nn.Module | Callable, loader, layers: Sequence[Optional[str]],
+                           device: str | torch.device = "cpu", progress: bool = False, *,
+                           gather: Optional[Gather] = None, cache: FeatureCache | str | os.PathLike | None = None,
+                           cache_keys: Optional[Mapping[Optional[str], Optional[str]]] = None,
+                           desc: str = "features", pooled_dim: Optional[int] = None
+                           ) -> dict[Optional[str], tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`extract_features` for several layers in one pass over ``loader``: ``{layer: (features, labels)}``.
+
+    Each layer has its own cache entry (``cache_keys[layer]``); the model runs only when some layer misses, and
+    then once per batch for all the missing layers (:func:`layers_fn`).
+    """
+    layers = list(dict.fromkeys(layers))
     if cache is not None and not isinstance(cache, FeatureCache):
         cache = FeatureCache(cache)
-    if cache is not None and cache_key is not None:
-        hit = cache.load(cache_key)
-        if hit is not None:
-            return hit
-    fn = layer_fn(model, layer)
-    feats, labels, indices = [], [], []
+    keys = dict(cache_keys or {})
+    out: dict[Optional[str], tuple[torch.Tensor, torch.Tensor]] = {}
+    if cache is not None:
+        for name in layers:
+            hit = cache.load(keys[name]) if keys.get(name) is not None else None
+            if hit is not None:
+                out[name] = hit
+    todo = [name for name in layers if name not in out]
+    if not todo:
+        return out
+    fn = layers_fn(model, todo, pooled_dim)
+    feats: dict[Optional[str], list[torch.Tensor]] = {name: [] for name in todo}
+    labels, indices = [], []
     it = loader
     if progress:
         from tqdm import tqdm
@@ -204,18 +285,23 @@ def extract_features(model: nn.Module | Callable, loader, device: str | torch.de
         it = tqdm(loader, desc=desc, leave=False)
     with frozen_eval(model):
         for x, y, idx in it:
-            feats.append(fn(x.to(device, non_blocking=True)).float().cpu())
+            for name, f in fn(x.to(device, non_blocking=True)).items():
+                feats[name].append(f.float().cpu())
             labels.append(torch.as_tensor(y))
             indices.append(torch.as_tensor(idx))
-    f = torch.cat(feats) if feats else torch.zeros(0, 0)
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     i = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
     if gather is not None:
-        f, y, i = gather(f), gather(y), gather(i)
-    f, y = merge_shards(f, y, i)
-    if cache is not None and cache_key is not None and _is_rank_zero():
-        cache.save(cache_key, f, y, {"layer": layer, **describe_loader(loader)})
-    return f, y
+        y, i = gather(y), gather(i)
+    for name in todo:
+        f = torch.cat(feats[name]) if feats[name] else torch.zeros(0, 0)
+        if gather is not None:
+            f = gather(f)
+        f, yy = merge_shards(f, y, i)
+        if cache is not None and keys.get(name) is not None and _is_rank_zero():
+            cache.save(keys[name], f, yy, {"layer": name, "pooled_dim": pooled_dim, **describe_loader(loader)})
+        out[name] = (f, yy)
+    return {name: out[name] for name in layers}
 
 
 def save_features(path, train_x, train_y, test_x, test_y) -> None:

@@ -77,6 +77,9 @@ class LinearProbeConfig:
     batch_size: int = 256
     crop_scale: Optional[List[float]] = None  # None: the data preset's crop_scale
     seed: int = 0
+    # a spatial map (conv layer) -> average-pooled to a grid of about this many numbers (AlexNet conv1..conv5 at
+    # 224 px: 9216 / 9408 / 9600 / 9216 / 9216); None: global average pool. The embedding is never pooled
+    pooled_dim: Optional[int] = 9216
 
 
 @dataclass
@@ -101,6 +104,7 @@ class EvaluateConfig:
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
     voc: VOCSettings = field(default_factory=VOCSettings)
+    ten_crop: bool = False  # 10-crop held-out images for k-NN, cluster and linear (evaluation/ten_crop.py)
     trainer: Dict[str, Any] = field(default_factory=dict)  # lightning.Trainer kwargs of the linear probe
     device: str = "auto"  # auto | cpu | cuda | cuda:N (feature extraction)
     cache: bool = True
@@ -118,9 +122,11 @@ class LinearEntryConfig:
     checkpoint: str = MISSING
     model_format: str = "student"
     model: ModelSpec = field(default_factory=ModelSpec)
-    layer: Optional[str] = None
+    layer: Optional[str] = None  # one layer; "all": every layer of the backbone (as layers=all)
+    layers: Optional[List[str]] = None  # several layers, one head each over one backbone pass: the per-layer table
     data: DataOverrides = field(default_factory=DataOverrides)  # type: ignore[valid-type]
     linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    ten_crop: bool = False  # score the held-out split by 10-crop (softmax averaged over the crops)
     trainer: Dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     cache: bool = True

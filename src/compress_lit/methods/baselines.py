@@ -45,17 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..losses.crd import crd_info_nce
+from ..losses.regression import regression_loss
 from .distill import DistillationModule, l2n
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- Regression
-def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of the squared L2 distance of the normalised rows (= mean of ``2 - 2 cos``)."""
-    return (l2n(pred) - l2n(target)).pow(2).sum(1).mean()
-
-
 class Regression(DistillationModule):
     def __init__(self, student: nn.Module, teacher: nn.Module, optim, *, bn: bool = False,
                  config: dict | None = None,
@@ -76,14 +73,6 @@ class Regression(DistillationModule):
 
 
 # ---------------------------------------------------------------------------------------------------- CRD
-def crd_info_nce(anchor: torch.Tensor, candidates: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE with per-anchor candidates: ``anchor`` ``(B, D)``, ``candidates`` ``(B, 1 + K, D)`` with the positive
-    in row 0 and the K negatives after it (all normalised); cross-entropy of column 0 among
-    ``[a·c_0, a·c_1 .. a·c_K] / T``, averaged over the batch."""
-    logits = torch.bmm(candidates.float(), anchor.float().unsqueeze(2)).squeeze(2) / temperature
-    return F.cross_entropy(logits, torch.zeros(anchor.shape[0], dtype=torch.long, device=anchor.device))
-
-
 def sample_negative_indices(index: torch.Tensor, num_samples: int, k: int,
                             generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``(B, k)`` dataset indices drawn uniformly with replacement from ``[0, num_samples)`` minus each row's own

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..loss import compress_loss
+from ..losses.compress import compress_loss
 from ..momentum import ema_update, make_momentum_copy
 from ..anchor_queue import AnchorQueue
 from .distill import DistillationModule, l2n

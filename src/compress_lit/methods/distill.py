@@ -117,9 +117,10 @@ class DistillationModule(pl.LightningModule):
         student_emb = self.training_embedding(x)
         loss, logs = self.distill(x, student_emb, teacher_emb, labels=labels, index=index)
         self.loss_watch.push(loss, f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})")
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
+        n = (x[0] if isinstance(x, (list, tuple)) else x).shape[0]  # a list: the views of a multi-view method
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         for k, v in logs.items():
-            self.log(f"train/{k}", v, on_step=True, on_epoch=False, batch_size=x.shape[0])
+            self.log(f"train/{k}", v, on_step=True, on_epoch=False, batch_size=n)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..momentum import ema_update, make_momentum_copy
 from ..anchor_queue import AnchorQueue
+from ..nonfinite import LossWatch
 from ..resume import collect_rng_states, restore_rng_states
 from ..schedule import build_optimizer
 
@@ -90,6 +91,7 @@ class MoCoV2(pl.LightningModule):
         self.bn_splits = bn_splits
         self.optim_cfg = optim
         self._last_ema_step = -1
+        self.loss_watch = LossWatch()  # non-finite losses, checked without a per-step host synchronisation
         self._warned_leak = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,13 +160,13 @@ class MoCoV2(pl.LightningModule):
 
     # ---- training ----------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
+        self.loss_watch.poll()  # earlier steps' non-finite checks whose flags have arrived (never waits)
         (x1, x2), _, _ = batch
         q = self.encode_query(x1)
         k, k_global = self.encode_key(x2)
         loss = info_nce(q, k, self.queue.bank("keys"), self.temperature)
         self.queue.stage(keys=k_global)  # written after the backward pass
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at global step {self.global_step}")
+        self.loss_watch.push(loss, f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x1.shape[0])
         return loss
 
@@ -174,6 +176,12 @@ class MoCoV2(pl.LightningModule):
             ema_update(self.backbone_momentum, self.backbone, self.momentum)
             ema_update(self.projector_momentum, self.projector, self.momentum)
             self._last_ema_step = self.global_step
+
+    def on_train_epoch_end(self) -> None:
+        self.loss_watch.settle()  # before the epoch's checkpoint is written
+
+    def on_train_end(self) -> None:
+        self.loss_watch.settle()
 
     def on_train_epoch_start(self) -> None:
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
