@@ -178,3 +178,29 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     assert _anchors(page) == {"a-titles-code"}
     assert MACHINE_PATHS.search("run dir /tmp/x/out")
     assert not MACHINE_PATHS.search("data.root=/data/imagenet teacher.checkpoint=/ckpt/r50.pth")
+
+
+def test_demo_numbers_check_catches_a_stale_readme(tmp_path):
+    """`make check-demo` (run by CI) compares a fresh demo's table with the README's, character for character."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "scripts"))
+    from check_demo_numbers import check, expected_table
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    results = {"teacher (demo)": {"1-NN": 95.28, "20-NN": 94.17, "cluster": 66.0, "cluster_std": 2.9,
+                                  "linear": 94.44},
+               "student (compress_2q)": {"1-NN": 95.56, "20-NN": 95.0, "cluster": 70.1, "cluster_std": 8.0,
+                                         "linear": 94.72}}
+    (run / "results.json").write_text(json.dumps(results))
+    (run / ".hydra" / "config.yaml").write_text("eval:\n  cluster_seeds: 5\n")
+    table = expected_table(run)
+    assert table.splitlines()[1].split() == ["teacher", "(demo)", "95.28", "94.17", "66.00", "±", "2.9", "94.44"]
+    good = tmp_path / "README.md"
+    good.write_text(f"# x\n\nWhat it printed on this machine:\n\n```\nTop-1 (%) ...\n{table}\n```\n")
+    assert check(run, good) == []
+    stale = tmp_path / "STALE.md"
+    stale.write_text(good.read_text().replace("95.56", "97.50"))
+    assert check(run, stale) and "97.50" in check(run, stale)[0]

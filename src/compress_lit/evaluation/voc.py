@@ -134,13 +134,19 @@ class VOC07DataModule:
 
 
 # ------------------------------------------------------------------------------------------------------ AP
-def average_precision(scores, targets, kind: str = "11point") -> float:
-    """AP of one class: ``targets`` in {1, 0, -1} (0 ignored); ``kind`` ``"11point"`` (VOC07) or ``"area"``."""
+def average_precision(scores, targets, kind: str = "11point", npos: Optional[int] = None) -> float:
+    """AP of one class: ``targets`` in {1, 0, -1} (0 ignored); ``kind`` ``"11point"`` (VOC07) or ``"area"``.
+
+    ``npos``: the number of positives recall is measured against; by default the positives among ``targets``
+    (classification: every positive image is scored). Detection passes the number of non-difficult ground-truth
+    boxes, some of which no detection found (``targets`` then marks each detection true/false positive or
+    ignored; :mod:`compress_lit.evaluation.voc_detection`).
+    """
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     t = np.asarray(targets).reshape(-1)
     keep = t != 0
     s, t = s[keep], t[keep]
-    npos = int((t > 0).sum())
+    npos = int((t > 0).sum()) if npos is None else int(npos)
     if npos == 0:
         return float("nan")
     order = np.argsort(-s, kind="stable")

@@ -141,6 +141,14 @@ def under_prefix(sd: Mapping[str, Any], prefix: str, dropped: Callable[[str], bo
     return out
 
 
+def plain_backbone(obj: Any, what: str) -> Mapped:
+    """A release that is the backbone's own plain state_dict (no wrapper prefix, no head): every key as it is, so
+    a head (``fc.*``) or a prefix is reported as unexpected."""
+    sd = plain_state_dict(obj, what)
+    no_prefix(sd, ("module.", "backbone.", "encoder.", "model."), what)
+    return identity(sd)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # checking
 # ------------------------------------------------------------------------------------------------------------
@@ -182,5 +190,5 @@ def check_mapping(mapped: Mapped, model: nn.Module) -> tuple[dict[str, torch.Ten
 
 
 __all__ = ["CheckpointFormat", "LayoutMismatch", "Mapped", "TeacherLoadError", "check_mapping", "describe_top",
-           "first_line", "identity", "inner_state_dict", "need_prefix", "no_prefix", "plain_state_dict",
-           "read_checkpoint", "sample", "under_prefix"]
+           "first_line", "identity", "inner_state_dict", "need_prefix", "no_prefix", "plain_backbone",
+           "plain_state_dict", "read_checkpoint", "sample", "under_prefix"]
