@@ -1,5 +1,5 @@
 """`python -m compress_lit.cache_features`: run the frozen teacher once over the training set and store its
-features by dataset index, for training with ``teacher.cached=true`` (see :mod:`compress_lit.teacher_cache`).
+features by dataset index, for training with ``teacher.cached=true`` (see :mod:`compress_lit.teachers.cache`).
 
 It takes the same command line as ``compress_lit.train`` (same config groups and schema, plus ``cache.*``), so
 the usual sequence is::
@@ -36,8 +36,8 @@ from .config import register_configs
 from .data import build_datamodule
 from .data.workers import cap_num_workers
 from .safety import check_writable
-from .teacher import build_teacher
-from .teacher_cache import build_cache, cache_dataset, cache_meta, cache_path, cache_views, validate_cache_config
+from .teachers import build_teacher
+from .teachers.cache import build_cache, cache_dataset, cache_meta, cache_path, cache_views, validate_cache_config
 from .startup import run_entry
 from .train import CONF_DIR, check_train_startup, ensure_teacher_checkpoint
 

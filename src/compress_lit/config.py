@@ -15,7 +15,22 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-TEACHER_FORMATS = ("moco", "swav", "simclr_tf", "simclr_converted", "torchvision", "compress_lit", "random")
+
+
+def teacher_formats() -> tuple[str, ...]:
+    """Every checkpoint format of ``compress_lit/teachers/formats/`` (one module per release family; imported on
+    first use, so that reading the schema does not import torch) and ``random``."""
+    from .teachers.formats import CHECKPOINT_FORMATS
+
+    return (*CHECKPOINT_FORMATS, "random")
+
+
+def __getattr__(name: str):
+    if name == "TEACHER_FORMATS":  # compress_lit.config.TEACHER_FORMATS: teacher_formats()
+        return teacher_formats()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 METHODS = ("compress_2q", "compress_2q_nomomentum", "compress_1q",
            # the paper's baselines (methods/baselines.py); "MoCo from scratch" is `compress_lit.pretrain`
            "regression", "regression_bn", "crd", "cc", "supervised",
@@ -28,6 +43,17 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class ViTOptions:
+    """ViT architectures only: the sizes, when not the architecture's own (models/vit.py). A release's file fixes
+    them, so these are for students and for tiny models in the releases' layouts (tests, demos)."""
+    patch_size: Optional[int] = None
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    img_size: Optional[int] = None  # the grid of the position table (img_size / patch_size); other sizes interpolate
+
+
+@dataclass
 class TeacherConfig:
     name: str = MISSING
     arch: str = MISSING
@@ -35,11 +61,15 @@ class TeacherConfig:
     checkpoint: Optional[str] = None  # path of the checkpoint file
     small_input: bool = False
     width_multiplier: Optional[float] = None
+    # ViT teachers: the embedding, cls (None: the class token after the final norm, as DINO / DINOv2 / MoCo v3
+    # evaluate) | mean_patch | cls_and_mean; CNN teachers always give their pooled feature
+    embedding: Optional[str] = None
+    vit: ViTOptions = field(default_factory=ViTOptions)
     # the demo teacher: when its checkpoint is missing, `python -m compress_lit.pretrain <pretrain_args>
     # output=<checkpoint>` builds it first
     pretrain_if_missing: bool = False
     pretrain_args: list[str] = field(default_factory=list)
-    # cached teacher (teacher_cache.py): look the teacher's features up by dataset index instead of running it;
+    # cached teacher (teachers/cache.py): look the teacher's features up by dataset index instead of running it;
     # the cache is built by `python -m compress_lit.cache_features` (same overrides as the training run)
     cached: bool = False
     cache_path: Optional[str] = None  # None: ${cache_dir}/features/<teacher.name>_<data.name>[_views<K>]
@@ -57,6 +87,7 @@ class StudentConfig:
     # AlexNet only: dropout before fc6 and fc7. 0 (default) as the official CompReSS AlexNet, whose dropout layers
     # are commented out; torchvision's classifier uses 0.5
     dropout: float = 0.0
+    vit: ViTOptions = field(default_factory=ViTOptions)  # ViT students only (e.g. student=vit_tiny_small)
     # a linear layer embedding -> train_head_dim used only in training (docs/paper.md: ResNet-50 student 2048 -> 8192);
     # dropped at evaluation and export
     train_head_dim: Optional[int] = None
@@ -229,7 +260,7 @@ class PretrainConfig:
 
 @dataclass
 class CacheConfig:
-    """`python -m compress_lit.cache_features`: the teacher feature cache (see teacher_cache.py)."""
+    """`python -m compress_lit.cache_features`: the teacher feature cache (see teachers/cache.py)."""
     output: Optional[str] = None  # None: teacher.cache_path, else ${cache_dir}/features/<teacher>_<data>[_views<K>]
     views: Optional[int] = None  # None: teacher.cache_views
     view_seed: int = 0  # base seed of the augmented views (K > 1)
@@ -269,7 +300,7 @@ def _one_of(cfg: DictConfig, key: str, choices) -> None:
 
 
 def _validate_common(cfg: DictConfig) -> None:
-    from .models import ARCHITECTURES
+    from .models import ARCHITECTURES, option_problems
 
     for key in ("data.image_size", "data.batch_size", "data.eval_batch_size", "optim.lr", "optim.epochs"):
         _positive(cfg, key)
@@ -309,6 +340,9 @@ def _validate_common(cfg: DictConfig) -> None:
         node = cfg.get(group)
         if node is not None and node.arch not in ARCHITECTURES:
             raise ConfigError(f"{group}.arch={node.arch!r} is invalid: choose one of {sorted(ARCHITECTURES)}")
+        for key, why in (option_problems(node) if node is not None else []):
+            value = OmegaConf.select(node, key) if key != "vit" else OmegaConf.to_container(node.vit)
+            raise ConfigError(f"{group}.{key}={value!r} is invalid for {group}.arch={node.arch}: {why}")
     drop = OmegaConf.select(cfg, "student.dropout", default=0.0) or 0.0
     if not 0 <= drop < 1:
         raise ConfigError(f"student.dropout={drop} is invalid: need 0 <= p < 1")
@@ -326,7 +360,7 @@ def validate_train(cfg: DictConfig) -> None:
     _positive(cfg, "method.temperature")
     _positive(cfg, "method.student_temperature")
     _one_of(cfg, "method.name", METHODS)
-    _one_of(cfg, "teacher.format", TEACHER_FORMATS)
+    _one_of(cfg, "teacher.format", teacher_formats())
     _one_of(cfg, "method.queue_dtype", ("float32", "float16", "bfloat16"))
     for key in ("method.crd_dim", "method.crd_negatives", "method.crd_temperature", "method.cc_clusters",
                 "method.cc_kmeans_iters", "student.train_head_dim", "method.seed_hidden_dim",

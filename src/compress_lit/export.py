@@ -138,7 +138,7 @@ def _first_conv_in_channels(model: nn.Module) -> Optional[int]:
 def teacher_from_config(config: dict) -> tuple[Optional[nn.Module], str, str]:
     """(the teacher's backbone or None, its name, how its weights were obtained) from a training config.
 
-    The weights are loaded (``compress_lit.teacher.build_teacher``, strict) when the teacher's checkpoint is
+    The weights are loaded (``compress_lit.teachers.build_teacher``, strict) when the teacher's checkpoint is
     readable here; otherwise the architecture is built with random weights and the note (starting with
     ``"random weights"``) says why. None when the config records no teacher (a pretraining checkpoint)."""
     from .models import build_backbone
@@ -157,7 +157,7 @@ def teacher_from_config(config: dict) -> tuple[Optional[nn.Module], str, str]:
     elif not Path(os.path.expanduser(str(path))).is_file():
         note = f"random weights: teacher checkpoint {path} not found here"
     if note is None:
-        from .teacher import TeacherLoadError, build_teacher
+        from .teachers import TeacherLoadError, build_teacher
 
         try:
             teacher = build_teacher(OmegaConf.create({"name": name, "arch": t["arch"], "format": fmt,

@@ -61,7 +61,7 @@ class ReproduceConfig:
     common_args: list[str] = field(default_factory=list)  # every student run (data, epochs, eval)
     scratch_args: list[str] = field(default_factory=list)  # MoCo-from-scratch runs only
     train_args: list[str] = field(default_factory=list)  # distillation / supervised runs only
-    # methods that run the teacher at every step read it from the K-view feature cache instead (teacher_cache.py):
+    # methods that run the teacher at every step read it from the K-view feature cache instead (teachers/cache.py):
     # the cache is built once (by the first such run) and shared by every student, seed and method
     cached_methods: list[str] = field(default_factory=list)
     cache_args: list[str] = field(default_factory=list)  # the teacher.cached=... overrides for those runs

@@ -30,8 +30,8 @@ from omegaconf import OmegaConf
 from .config import ConfigError
 from .data import DatasetError
 from .safety import StartupError
-from .teacher import TeacherLoadError
-from .teacher_cache import TeacherCacheError
+from .teachers import TeacherLoadError
+from .teachers.cache import TeacherCacheError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

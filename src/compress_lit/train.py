@@ -7,7 +7,7 @@ first if its checkpoint is not in the cache), a small ResNet-18 student, CompReS
 ``teacher.cached=true``: no teacher network is built; the teacher's features are looked up by dataset index in a
 cache made beforehand by ``python -m compress_lit.cache_features <the same overrides>`` (the centre-crop embedding
 of every training image, as the paper did for R50x4; ``teacher.cache_views=K``: K seeded augmented views, the
-student then sees exactly one of them). See :mod:`compress_lit.teacher_cache`.
+student then sees exactly one of them). See :mod:`compress_lit.teachers.cache`.
 """
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ from .resume import prepare_resume
 from .safety import AtomicCheckpointIO, check_writable
 from .startup import (USER_ERRORS, check_accelerator, check_file, check_mandatory, quiet_known_noise,
                       run_entry)
-from .teacher import build_teacher
-from .teacher_cache import (CacheMissingError, SeededViews, TeacherCacheError, cache_features_command, cache_path,
-                            cache_views, expected_meta, open_cache, validate_cache_config)
+from .teachers import build_teacher
+from .teachers.cache import (CacheMissingError, SeededViews, TeacherCacheError, cache_features_command, cache_path,
+                             cache_views, expected_meta, open_cache, validate_cache_config)
 
 log = logging.getLogger("compress_lit.train")
 CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
@@ -164,7 +164,7 @@ def _run_overrides() -> list[str] | None:
 
 
 def cached_teacher(cfg: DictConfig, dm) -> torch.nn.Module:
-    """``teacher.cached=true``: the teacher's features from the cache (teacher_cache.py) instead of the network.
+    """``teacher.cached=true``: the teacher's features from the cache (teachers/cache.py) instead of the network.
 
     The cache must have been built for this teacher (identity: name, arch, format, checkpoint path, size and
     mtime), this data (name, size, image size, normalisation, split) and transform (centre crop, or

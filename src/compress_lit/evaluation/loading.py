@@ -5,7 +5,7 @@
 ``ckpt['state_dict']`` under ``student.`` (distillation) or, when there is none, ``backbone.`` (MoCo pretraining),
 loaded strictly. The checkpoint's ``data`` config is the default data config of the evaluation.
 
-Any other format is a teacher file read by :func:`compress_lit.teacher.build_teacher` (``moco``, ``swav``,
+Any other format is a teacher file read by :func:`compress_lit.teachers.build_teacher` (``moco``, ``swav``,
 ``simclr_tf``, ``simclr_converted``, ``torchvision``, ``compress_lit``, or ``random`` for no weights), with the
 architecture given in ``model.*``.
 """
@@ -94,7 +94,7 @@ def load_model(checkpoint: Optional[str], model_format: str = "student", model_s
     spec = dict(spec) if isinstance(spec, Mapping) else dataclasses.asdict(spec)
     if not spec.get("arch"):
         raise ConfigError(f"model_format={model_format!r} needs model.arch (the file does not record it)")
-    from ..teacher import build_teacher
+    from ..teachers import build_teacher
 
     tcfg = OmegaConf.create({"name": spec.get("name") or spec["arch"], "arch": spec["arch"], "format": model_format,
                              "checkpoint": checkpoint, "small_input": bool(spec.get("small_input", False)),

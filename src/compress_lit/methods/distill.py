@@ -82,7 +82,7 @@ class DistillationModule(pl.LightningModule):
         return self.needs_teacher and bool(getattr(self.teacher, "is_cached", False))
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        # A cached teacher (teacher_cache.CachedFeatures) is a table on the host: its rows are looked up here, by
+        # A cached teacher (teachers.cache.CachedFeatures) is a table on the host: its rows are looked up here, by
         # the batch's dataset indices while they are still host tensors, and travel to the device with the batch
         # (appended as its last element). Looking them up in the step would copy the indices back from the GPU:
         # a host synchronisation every step.

@@ -6,8 +6,9 @@ torchvision's pretrained files (``alexnet-owt-7be5be79.pth``, ``resnet18-f37072f
 (which the embedding never uses):
 
 * ResNet: our layout *is* torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1`` …); ``fc.*`` is the head.
-* MobileNetV2: ``features.*`` is torchvision's own module (same names); ``classifier.1.*`` (after a dropout,
-  ``classifier.0``) is the head.
+* MobileNetV2, MobileNetV3-Large, EfficientNet-B0: ``features.*`` is torchvision's own module (same names);
+  ``classifier.*`` is the head (the backbones' ``head_prefixes``; MobileNetV3's ``Linear(960, 1280)`` included:
+  the embedding is the 960-d pool before it). A timm / DeiT ViT classifier's head is ``head.*``.
 * AlexNet: torchvision's ``features`` holds the five convolutions at indices 0, 3, 6, 8, 10 (ReLUs and max-pools
   in between) and ``classifier`` is ``Dropout, Linear (fc6), ReLU, Dropout, Linear (fc7), ReLU, Linear (head)``,
   so ``classifier.1`` is fc6, ``classifier.4`` fc7 and ``classifier.6`` the head. They map onto the convolution
@@ -26,7 +27,6 @@ from typing import Optional
 from torch import nn
 
 from .alexnet import AlexNet
-from .mobilenet import MobileNetV2
 
 ALEXNET_FEATURES = {0: "conv1", 3: "conv2", 6: "conv3", 8: "conv4", 10: "conv5"}
 ALEXNET_CLASSIFIER = {1: "fc6", 4: "fc7"}
@@ -61,7 +61,7 @@ def torchvision_key(key: str, model: nn.Module, table: Optional[dict[str, str]] 
         module, _, param = key.rpartition(".")
         table = alexnet_key_map(model) if table is None else table
         return f"{table[module]}.{param}" if module in table else key
-    if isinstance(model, MobileNetV2) and key.startswith("classifier."):
+    if key.startswith(tuple(getattr(model, "head_prefixes", ()))):  # MobileNet / EfficientNet classifier, ViT head
         return None
     return key
 

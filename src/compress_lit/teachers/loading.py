@@ -1,0 +1,108 @@
+"""Loading a teacher: build the architecture, map the file's keys with its format, check them, freeze.
+
+Every error names the file, the format and the keys (:class:`~.checkpoint.TeacherLoadError`); when the file fits
+another format, the message says which.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from torch import nn
+
+from ..models import build_from_config
+from .checkpoint import LayoutMismatch, TeacherLoadError, check_mapping, read_checkpoint, sample
+from .formats import CHECKPOINT_FORMATS, FORMATS
+from .frozen import FrozenTeacher
+
+log = logging.getLogger(__name__)
+
+
+def check_arch(fmt: str, model: nn.Module, where: str) -> None:
+    """The architecture must be one the format's releases come in (when the format says so)."""
+    spec = FORMATS.get(fmt)
+    arch = getattr(model, "arch_name", None)
+    if spec is None or spec.archs is None or arch is None or arch in spec.archs:
+        return
+    note = f" ({spec.arch_note})" if spec.arch_note else ""
+    raise TeacherLoadError(f"{where}: format {fmt!r} fits teacher.arch one of {list(spec.archs)}, not {arch!r}{note}")
+
+
+def _fits(fmt: str, obj: Any, model: nn.Module) -> bool:
+    try:
+        _, problems = check_mapping(FORMATS[fmt].map(obj, model), model)
+    except LayoutMismatch:
+        return False
+    return not problems
+
+
+def _guess(fmt: str, obj: Any, model: nn.Module) -> str:
+    fits = [f for f in CHECKPOINT_FORMATS if f != fmt and _fits(f, obj, model)]
+    if fits:
+        return f"; the file fits format {' / '.join(repr(f) for f in fits)} instead"
+    return "; no other format fits it either"
+
+
+def load_state(path: str, fmt: str, model: nn.Module) -> int:
+    """Load and return the number of tensors taken from the file."""
+    if fmt not in FORMATS:
+        raise TeacherLoadError(f"teacher checkpoint {path!r}: unknown format {fmt!r}; "
+                               f"choose one of {list(CHECKPOINT_FORMATS)}")
+    check_arch(fmt, model, f"teacher checkpoint {path!r}")
+    obj = read_checkpoint(path, fmt)
+    try:
+        mapped = FORMATS[fmt].map(obj, model)
+    except LayoutMismatch as e:
+        raise TeacherLoadError(f"teacher checkpoint {path!r} does not fit format {fmt!r}: {e}"
+                               f"{_guess(fmt, obj, model)}") from None
+    state, problems = check_mapping(mapped, model)
+    own = set(model.state_dict())
+    if not any(m in own for _, m, _ in mapped if m is not None):
+        keys = [f for f, m, _ in mapped if m is not None]
+        raise TeacherLoadError(
+            f"teacher checkpoint {path!r} does not fit format {fmt!r}: none of its keys maps onto the backbone "
+            f"({type(model).__name__}); file keys: {sample(keys)}{_guess(fmt, obj, model)}; "
+            + "; ".join(problems))
+    if problems:
+        raise TeacherLoadError(f"teacher checkpoint {path!r} (format {fmt!r}) does not match the backbone "
+                               f"({type(model).__name__}): " + "; ".join(problems) + _guess(fmt, obj, model))
+    model.load_state_dict(state, strict=True)
+    return sum(1 for _, m, _ in mapped if m is not None)  # every mapped tensor was loaded
+
+
+def load_backbone_state(path: str, fmt: str, model: nn.Module) -> None:
+    """Read ``path``, map its keys for format ``fmt`` and load them into ``model`` (a backbone without fc).
+
+    Raises :class:`TeacherLoadError` (naming the file, the format and the keys) for a missing or unreadable
+    file, a top-level structure that does not fit the format, and any missing key, unexpected key or shape
+    mismatch; only ``*.num_batches_tracked`` buffers may be absent from the file.
+    """
+    n = load_state(path, fmt, model)
+    log.debug("loaded %d tensors from %s (format %s)", n, path, fmt)
+
+
+def build_teacher(cfg: Any) -> FrozenTeacher:
+    """Build ``cfg.arch`` (with ``cfg``'s architecture options) and load ``cfg.checkpoint`` in ``cfg.format``
+    (nothing for ``random``), frozen."""
+    fmt = cfg.format
+    try:
+        backbone = build_from_config(cfg)
+    except ValueError as e:
+        raise TeacherLoadError(f"teacher {getattr(cfg, 'name', None) or cfg.arch!r}: {e}") from None
+    name = getattr(cfg, "name", None) or cfg.arch
+    if fmt == "random":
+        log.warning("teacher %s (%s): format 'random', no checkpoint loaded (randomly initialised)", name, cfg.arch)
+    else:
+        path = getattr(cfg, "checkpoint", None)
+        if not path:
+            raise TeacherLoadError(f"teacher {name!r}: format {fmt!r} needs a checkpoint path (teacher.checkpoint)")
+        path = os.path.expanduser(str(path))
+        n = load_state(path, fmt, backbone)
+        log.info("teacher %s (%s): loaded %d tensors from %s (format %s)", name, cfg.arch, n, path, fmt)
+    teacher = FrozenTeacher(backbone, name=name)
+    log.info("teacher %s: embed_dim %d, fingerprint %s", name, teacher.embed_dim, teacher.fingerprint())
+    return teacher
+
+
+__all__ = ["build_teacher", "check_arch", "load_backbone_state", "load_state"]
