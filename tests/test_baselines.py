@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from compress_lit.config import METHODS, OptimConfig, register_configs, validate_train
 from compress_lit.evaluation.cluster import assign, kmeans
-from compress_lit.methods import CRD, ClusterClassification, CompReSS, Regression, Supervised
+from compress_lit.methods import CRD, SEED, ClusterClassification, CompReSS, DisCo, Regression, SimReg, Supervised
 from compress_lit.methods.baselines import sample_negative_indices
 from compress_lit.models import build_backbone
 from compress_lit.teacher import FrozenTeacher
@@ -298,7 +298,7 @@ def test_build_method_dispatches_on_the_method_name(method):
     dm = SimpleNamespace(num_train=N, num_classes=CLASSES)
     module = build_method(cfg, student, teacher, dm)
     expected = {"regression": Regression, "regression_bn": Regression, "crd": CRD, "cc": ClusterClassification,
-                "supervised": Supervised}.get(method, CompReSS)
+                "supervised": Supervised, "seed": SEED, "simreg": SimReg, "disco": DisCo}.get(method, CompReSS)
     assert type(module) is expected
     if method.startswith("regression"):
         assert isinstance(module.regressor[-1], torch.nn.BatchNorm1d) == (method == "regression_bn")

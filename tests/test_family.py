@@ -259,8 +259,9 @@ def test_each_family_method_trains_and_its_loss_decreases_on_a_fixed_batch(metho
     views = METHOD_VIEWS.get(method, 1)
     trainer.fit(module, DataLoader(Fixed(views), batch_size=N, shuffle=False))
     assert len(rec.losses) == 30 and all(math.isfinite(v) for v in rec.losses)
-    # from step 4 the queues (at most 64 slots, 16 keys a step) hold only real keys
-    early, late = sum(rec.losses[4:7]) / 3, sum(rec.losses[-3:]) / 3
+    # (SEED, DisCo: the first steps score a queue of random vectors, easier negatives than the real keys that
+    # follow, so the early window is if anything low)
+    early, late = sum(rec.losses[:3]) / 3, sum(rec.losses[-3:]) / 3
     assert late < 0.9 * early, (method, rec.losses)
     for m, before in zip(module.extra_modules(), heads):  # the heads are trained with the student
         assert any(not torch.equal(v, before[k]) for k, v in m.state_dict().items() if v.is_floating_point())
@@ -285,9 +286,9 @@ def test_method_configs_carry_the_official_defaults_and_build_their_modules():
     disco = build_method(_cfg("method=disco", "method.queue_size=32"), *nets(), dm)
     assert type(disco) is DisCo and (disco.temperature, disco.momentum, disco.weight) == (0.2, 0.999, 1.0)
     assert disco.projector[0].out_features == 2048 and disco.projector[-1].out_features == disco.teacher_dim
-    m = _cfg("method=seed").method
+    m = OmegaConf.load(CONF / "method" / "seed.yaml")  # (data=digits, the default, shrinks every queue to 1024)
     assert (m.queue_size, m.temperature, m.student_temperature) == (65536, 1e-4, 0.2)
-    assert _cfg("method=disco").method.queue_size == 65536 and METHOD_VIEWS == {"disco": 2}
+    assert OmegaConf.load(CONF / "method" / "disco.yaml").queue_size == 65536 and METHOD_VIEWS == {"disco": 2}
 
 
 @pytest.mark.parametrize("override,attr,value", [
@@ -324,9 +325,21 @@ PRESET_SETTINGS = {
 
 def test_the_family_presets_cover_each_papers_headline_students():
     want = {f"{m}_mocov2_r50_to_{s}" for m in ("seed", "disco")
-            for s in ("resnet18", "efficientnet_b0", "mobilenetv3_large")}
+            for s in ("resnet18", "efficientnet_b0", "mobilenetv3")}
     want |= {"simreg_mocov2_r50_to_resnet18", "simreg_mocov2_r50_to_mobilenetv2", "simreg_simclr_r50x4_to_resnet50"}
     assert set(FAMILY) == want
+
+
+class StandIn(nn.Module):
+    """A cheap teacher of the preset teacher's width (building a ResNet-50x4 takes longer than this test)."""
+
+    def __init__(self, arch):
+        super().__init__()
+        self.embed_dim = {"resnet50": 2048, "resnet50x4": 8192}[arch]
+        self.fc = nn.Linear(3, self.embed_dim)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
 
 
 @pytest.mark.parametrize("preset", FAMILY)
@@ -349,8 +362,17 @@ def test_family_preset_composes_with_its_papers_settings_and_runs(preset):
     with open_dict(cfg):
         cfg.method.queue_size = 64  # the papers' 65,536 x 2,048 queue would not fit a test
     torch.manual_seed(0)
-    module = build_method(cfg, build_student(cfg.student), FrozenTeacher(build_backbone(cfg.teacher.arch)))
+    module = build_method(cfg, build_student(cfg.student), FrozenTeacher(StandIn(cfg.teacher.arch)))
     x = torch.randn(2, 3, 64, 64)
     x = [x, x.flip(-1)] if method == "disco" else x
     loss, _ = module.distill(x, module.training_embedding(x), module.teacher_targets(x, torch.arange(2)))
     assert torch.isfinite(loss)
+
+
+def test_every_loss_lives_in_compress_lit_losses_and_the_old_import_still_works():
+    import compress_lit.loss as old
+    import compress_lit.losses as losses
+    from compress_lit.methods import baselines
+
+    assert old.compress_loss is losses.compress_loss and old.CompReSSLoss is losses.CompReSSLoss
+    assert baselines.regression_loss is losses.regression_loss and baselines.crd_info_nce is losses.crd_info_nce

@@ -105,3 +105,45 @@ def test_ablation_table_layout(tmp_path, monkeypatch):
     assert queue["queue=1024"]["1-NN"][0] == 75.5
     md = (tmp_path / "ablation_fashion_mnist.md").read_text()
     assert "| T=0.1 | 70.50 ± 0.71 |" in md and "| queue=1024 | 75.50 ± 0.71 |" in md
+
+
+def test_the_family_methods_are_rows_under_the_same_teacher_budget_and_seeds():
+    """SEED, SimReg and DisCo run with every other row's common arguments; SEED and SimReg read the teacher cache,
+    DisCo (two views per image) runs the teacher itself."""
+    from pathlib import Path
+
+    from compress_lit.reproduce import METHOD_LABELS, step_command
+
+    for name in ("full", "quick"):
+        cfg = _preset(name)
+        assert {"seed", "simreg", "disco"} <= set(cfg.methods)
+        _, reference = step_command(cfg, cfg.students[0], "compress_2q", 0, Path("t.ckpt"))
+        for method in ("seed", "simreg", "disco"):
+            module, args = step_command(cfg, cfg.students[0], method, 0, Path("t.ckpt"))
+            assert module == "compress_lit.train" and f"method={method}" in args
+            assert set(cfg.common_args) <= set(args) and "teacher.checkpoint=t.ckpt" in args
+            assert ("teacher.cached=true" in args) == (method != "disco"), (name, method)
+            # the same arguments as CompReSS-2q's run but the method (and the cache, for DisCo)
+            def rest(a, m):
+                return [x for x in a if x != f"method={m}" and (method != "disco" or x not in cfg.cache_args)]
+            assert rest(args, method) == rest(reference, "compress_2q")
+    assert [METHOD_LABELS[m] for m in ("seed", "simreg", "disco")] == ["SEED", "SimReg", "DisCo"]
+
+
+def test_the_quick_table_has_a_row_per_family_method(tmp_path, monkeypatch):
+    from compress_lit import reproduce as rp
+
+    cfg = _preset("quick", out_dir=str(tmp_path))
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "quick_teacher.ckpt").write_bytes(b"")
+    score = {m: 60.0 + i for i, m in enumerate(cfg.methods)}
+
+    def fake_step(module, args, runs, tag, dry):
+        method = next((a.split("=")[1] for a in args if a.startswith("method=")), "moco_scratch")
+        return runs / tag, {"student": {m: score.get(method, 70.0) for m in rp.METRICS}}
+
+    monkeypatch.setattr(rp, "_run_step", fake_step)
+    table = rp.run_reproduce(cfg)["resnet18_small"]
+    assert [table[label]["1-NN"][0] for label in ("SEED", "SimReg", "DisCo")] == [68.0, 69.0, 70.0]
+    md = (tmp_path / "table1_fashion_mnist_quick.md").read_text()
+    assert "| SEED | 68.00 ± 0.00 |" in md and "| DisCo | 70.00 ± 0.00 |" in md

@@ -1,8 +1,6 @@
 """10-crop evaluation (`ten_crop=true`) on an ImageFolder tree: the crops, the k-NN query (mean of the crops'
 normalised features) and the linear probe's prediction (mean of the crops' softmax), each against a hand
 computation."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import pytorch_lightning as pl

@@ -16,7 +16,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
-
 def teacher_formats() -> tuple[str, ...]:
     """Every checkpoint format of ``compress_lit/teachers/formats/`` (one module per release family; imported on
     first use, so that reading the schema does not import torch) and ``random``."""
@@ -361,6 +360,12 @@ def validate_train(cfg: DictConfig) -> None:
     _positive(cfg, "method.student_temperature")
     _one_of(cfg, "method.name", METHODS)
     _one_of(cfg, "teacher.format", teacher_formats())
+    from .teachers.loading import arch_problem
+
+    why = arch_problem(cfg.teacher.format, cfg.teacher.arch)
+    if why:
+        raise ConfigError(f"teacher.arch={cfg.teacher.arch!r} is invalid for teacher.format={cfg.teacher.format}: "
+                          f"{why}")
     _one_of(cfg, "method.queue_dtype", ("float32", "float16", "bfloat16"))
     for key in ("method.crd_dim", "method.crd_negatives", "method.crd_temperature", "method.cc_clusters",
                 "method.cc_kmeans_iters", "student.train_head_dim", "method.seed_hidden_dim",

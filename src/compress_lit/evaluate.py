@@ -3,8 +3,12 @@
 ``eval=[knn,cluster,linear]`` (default; ``voc`` adds VOC07 transfer classification with ``voc.root=``). A
 distillation (or MoCo pretraining) checkpoint of this project records its student's architecture and its training
 data, so ``checkpoint=`` alone suffices; a teacher file needs ``model_format=<moco|swav|simclr_tf|
-simclr_converted|torchvision|compress_lit|random> model.arch=... [model.small_input=true ...] data=<preset>``.
-``layer=`` picks another layer (AlexNet conv1..fc7, ResNet stem/layer1..4/pool; spatial maps are average-pooled).
+simclr_converted|torchvision|compress_lit|dino|dinov2|mocov3|barlowtwins|vicreg|random> model.arch=...
+[model.small_input=true model.embedding=... model.vit.* ...] data=<preset>``.
+``layer=`` picks another layer (AlexNet conv1..fc7, ResNet stem/layer1..4/pool; spatial maps are average-pooled:
+globally for k-NN and clustering, to about ``linear.pooled_dim`` numbers for the linear probe). ``ten_crop=true``
+scores the held-out images by 10-crop (k-NN and clustering on the mean of the crops' normalised features, the
+probe on the mean of their softmax; :mod:`compress_lit.evaluation.ten_crop`), labelled "10-crop" in the table.
 
 The paper's supervised rows are torchvision's ImageNet classifiers scored with the same protocols:
 ``checkpoint=alexnet-owt-7be5be79.pth model_format=torchvision model.arch=alexnet data=imagenet data.root=...``
@@ -56,6 +60,9 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError("eval includes voc: set voc.root=<folder holding VOCdevkit/VOC2007>")
     if cfg.linear.mode not in ("full", "features"):
         raise ConfigError(f"linear.mode={cfg.linear.mode!r} is invalid: choose full or features")
+    if cfg.linear.pooled_dim is not None and cfg.linear.pooled_dim < 1:
+        raise ConfigError(f"linear.pooled_dim={cfg.linear.pooled_dim} must be a positive number of features "
+                          f"(or null: global average pooling)")
     check_model_inputs(cfg)
     if "linear" in cfg.eval and cfg.linear.mode == "full":
         check_accelerator(cfg.trainer)

@@ -141,13 +141,14 @@ def teacher_from_config(config: dict) -> tuple[Optional[nn.Module], str, str]:
     The weights are loaded (``compress_lit.teachers.build_teacher``, strict) when the teacher's checkpoint is
     readable here; otherwise the architecture is built with random weights and the note (starting with
     ``"random weights"``) says why. None when the config records no teacher (a pretraining checkpoint)."""
-    from .models import build_backbone
+    from .models import build_from_config
 
     t = config.get("teacher")
     if not t or not t.get("arch"):
         return None, "", "the checkpoint records no teacher"
     name = t.get("name") or t["arch"]
-    kw = dict(small_input=bool(t.get("small_input", False)), width_multiplier=t.get("width_multiplier"))
+    kw = dict(small_input=bool(t.get("small_input", False)), width_multiplier=t.get("width_multiplier"),
+              embedding=t.get("embedding"), vit=t.get("vit"))
     path, fmt = t.get("checkpoint"), t.get("format") or "torchvision"
     note = None
     if fmt == "random":
@@ -165,7 +166,7 @@ def teacher_from_config(config: dict) -> tuple[Optional[nn.Module], str, str]:
             return teacher.backbone.eval(), name, f"loaded from {path} (format {fmt})"
         except TeacherLoadError as e:
             note = f"random weights: loading {path} failed ({e})"
-    return build_backbone(t["arch"], **kw).eval(), name, note
+    return build_from_config({"arch": t["arch"], **kw}).eval(), name, note
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -255,11 +256,15 @@ def static_adaptive_pools(model: nn.Module, example: torch.Tensor) -> tuple[nn.M
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *, dynamic_batch: bool = True,
                 opset: int = 18, exporter: str = "auto") -> tuple[str, list[str]]:
     """Write ``model`` as ONNX (input ``input``, output ``embedding``); returns the exporter used and the notes
-    of :func:`static_adaptive_pools` (the spatial size is fixed; only the batch axis is dynamic)."""
+    of :func:`static_adaptive_pools` and of a ViT's ``for_input_size`` (the spatial size is fixed; only the batch
+    axis is dynamic)."""
     if importlib.util.find_spec("onnx") is None:
         raise ExportError("format=onnx needs the onnx package (pip install onnx onnxruntime)")
     exporter = resolve_onnx_exporter(exporter)
     model, notes = static_adaptive_pools(model, example)
+    if hasattr(model, "for_input_size"):  # ViTs: the position table at the export's grid (no bicubic resize op)
+        model, note = model.for_input_size(*example.shape[-2:])
+        notes += [note] if note else []
     names = dict(input_names=["input"], output_names=["embedding"])
     try:
         with _quiet(), torch.no_grad():

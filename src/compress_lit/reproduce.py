@@ -31,7 +31,9 @@ from .train import CONF_DIR
 METRICS = ("1-NN", "20-NN", "cluster", "linear")
 METHOD_LABELS = {"moco_scratch": "MoCo from scratch", "supervised": "supervised", "regression": "Regression",
                  "regression_bn": "Regression-BN", "crd": "CRD", "cc": "CC", "compress_2q": "CompReSS-2q",
-                 "compress_1q": "CompReSS-1q", "compress_2q_nomomentum": "CompReSS-2q (no momentum)"}
+                 "compress_1q": "CompReSS-1q", "compress_2q_nomomentum": "CompReSS-2q (no momentum)",
+                 # the later self-supervised distillation methods (docs/family.md)
+                 "seed": "SEED", "simreg": "SimReg", "disco": "DisCo"}
 
 
 @dataclass

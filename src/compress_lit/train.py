@@ -34,7 +34,7 @@ from .methods.baselines import CRD, ClusterClassification, Regression, Supervise
 from .methods.disco import DisCo
 from .methods.seed import SEED
 from .methods.simreg import SimReg
-from .models import build_backbone
+from .models import build_from_config
 from .paths import config_dir
 from .reporting import HistoryCallback, end_of_run, hydra_run_identity, rich_progress_bar
 from .resume import prepare_resume
@@ -52,14 +52,8 @@ __all__ = ["USER_ERRORS", "quiet_known_noise", "run_train", "check_train_startup
 
 
 def build_student(scfg, num_classes: int | None = None) -> torch.nn.Module:
-    kw = {}
-    if scfg.fc_dim is not None:
-        kw["fc_dim"] = scfg.fc_dim
-    if scfg.get("dropout"):
-        kw["dropout"] = scfg.dropout
-    if num_classes:
-        kw["num_classes"] = num_classes
-    return build_backbone(scfg.arch, small_input=scfg.small_input, width_multiplier=scfg.width_multiplier, **kw)
+    """``student.arch`` with the node's options (small_input, width_multiplier, AlexNet fc_dim / dropout, vit.*)."""
+    return build_from_config(scfg, **({"num_classes": num_classes} if num_classes else {}))
 
 
 def _compress(cfg, student, teacher, dm, config):

@@ -289,15 +289,14 @@ def extract_layer_features(model: nn.Module | Callable, loader, layers: Sequence
                 feats[name].append(f.float().cpu())
             labels.append(torch.as_tensor(y))
             indices.append(torch.as_tensor(idx))
+    fs = {name: torch.cat(feats[name]) if feats[name] else torch.zeros(0, 0) for name in todo}
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     i = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
-    if gather is not None:
+    if gather is not None:  # in this order: each layer's features, the labels, the indices
+        fs = {name: gather(f) for name, f in fs.items()}
         y, i = gather(y), gather(i)
     for name in todo:
-        f = torch.cat(feats[name]) if feats[name] else torch.zeros(0, 0)
-        if gather is not None:
-            f = gather(f)
-        f, yy = merge_shards(f, y, i)
+        f, yy = merge_shards(fs[name], y, i)
         if cache is not None and keys.get(name) is not None and _is_rank_zero():
             cache.save(keys[name], f, yy, {"layer": name, "pooled_dim": pooled_dim, **describe_loader(loader)})
         out[name] = (f, yy)

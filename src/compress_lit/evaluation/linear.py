@@ -190,6 +190,7 @@ def _probe_on_features(tx, ty, vx, vy, num_classes: int, cfg: LinearProbeConfig,
 
 # -------------------------------------------------------------------------------------------- Lightning
 EMBEDDING_KEY = "_embedding"  # the head of layer None (the embedding) in LinearProbe.heads
+_FIRST = object()  # LinearProbe.results(): the first layer
 
 
 def _key(layer: Optional[str]) -> str:
@@ -306,10 +307,10 @@ class LinearProbe(pl.LightningModule):
     def final_top1(self) -> float:
         return self.history[-1] if self.history else float("nan")
 
-    def results(self, layer: Any = "__first__") -> dict[str, Any]:
+    def results(self, layer: Any = _FIRST) -> dict[str, Any]:
         """The results of ``layer`` (default: the first): the final epoch's top-1 (the reported number), top-5,
         the best epoch (not the reported number) and the per-epoch history."""
-        name = self.layer if layer == "__first__" else layer
+        name = self.layer if layer is _FIRST else layer
         history, history5 = self.histories[name], self.histories_top5[name]
         out: dict[str, Any] = {"top1": history[-1] if history else float("nan"), "epochs": len(history)}
         if self.num_classes > 5 and history5:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..config import ConfigError, DataConfig
-from ..models import build_backbone, embedding_layer
+from ..models import build_from_config, embedding_layer
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,10 @@ def load_student_checkpoint(path: str | os.PathLike) -> LoadedModel:
             break
     else:
         raise ConfigError(f"checkpoint={path}: state_dict has no 'student.' or 'backbone.' keys")
-    kw = {"fc_dim": scfg["fc_dim"]} if scfg.get("fc_dim") is not None else {}
+    kw = {}
     if any(k.startswith("fc.") for k in sub):
         kw["num_classes"] = int(sub["fc.weight"].shape[0])
-    model = build_backbone(scfg["arch"], small_input=bool(scfg.get("small_input", False)),
-                           width_multiplier=scfg.get("width_multiplier"), **kw)
+    model = build_from_config(scfg, **kw)  # arch, small_input, width_multiplier, fc_dim, vit.* ...
     missing, unexpected = model.load_state_dict(sub, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
@@ -98,7 +97,8 @@ def load_model(checkpoint: Optional[str], model_format: str = "student", model_s
 
     tcfg = OmegaConf.create({"name": spec.get("name") or spec["arch"], "arch": spec["arch"], "format": model_format,
                              "checkpoint": checkpoint, "small_input": bool(spec.get("small_input", False)),
-                             "width_multiplier": spec.get("width_multiplier")})
+                             "width_multiplier": spec.get("width_multiplier"),
+                             "embedding": spec.get("embedding"), "vit": spec.get("vit")})
     teacher = build_teacher(tcfg)
     ident = (f"random:{spec['arch']}:{torch.initial_seed()}" if model_format == "random"
              else checkpoint_identity(checkpoint))

@@ -1,8 +1,9 @@
-"""Structured configs of the evaluation entry points (``compress_lit.evaluate``, ``compress_lit.linear``).
+"""Structured configs of the evaluation entry points (``compress_lit.evaluate``, ``compress_lit.linear``,
+``compress_lit.detect``).
 
-Registered as ``evaluate_schema`` and ``linear_schema`` by :func:`register_eval_configs`. The ``conf/data/*``
-presets are ``# @package _global_`` files that also set ``method.*`` / ``optim.*`` for training; here those two
-nodes are free-form dicts that are accepted and ignored. ``data`` is a :class:`DataOverrides`: every field of
+Registered as ``evaluate_schema``, ``linear_schema`` and ``detect_schema`` by :func:`register_eval_configs`. The
+``conf/data/*`` presets are ``# @package _global_`` files that also set ``method.*`` / ``optim.*`` for training;
+here those two nodes are free-form dicts that are accepted and ignored. ``data`` is a :class:`DataOverrides`: every field of
 :class:`compress_lit.config.DataConfig`, optional, so that ``data.root=...`` works without a preset; the data
 config used is ``DataConfig() <- the checkpoint's training data config (our checkpoints) <- data`` (non-null keys).
 """
@@ -16,9 +17,17 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from ..config import DataConfig
+from ..config import DataConfig, ViTOptions
 
-MODEL_FORMATS = ("student", "moco", "swav", "simclr_tf", "simclr_converted", "torchvision", "compress_lit", "random")
+
+def __getattr__(name: str):
+    if name == "MODEL_FORMATS":  # "student" (our checkpoints) and every teacher format (config.teacher_formats)
+        from ..config import teacher_formats
+
+        return ("student", *teacher_formats())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 EVALUATIONS = ("knn", "cluster", "linear", "voc")
 
 
@@ -41,6 +50,8 @@ class ModelSpec:
     small_input: bool = False
     width_multiplier: Optional[float] = None
     fc_dim: Optional[int] = None
+    embedding: Optional[str] = None  # ViTs: cls (None) | mean_patch | cls_and_mean
+    vit: ViTOptions = field(default_factory=ViTOptions)  # ViTs: sizes other than the architecture's own
 
 
 @dataclass
@@ -137,7 +148,62 @@ class LinearEntryConfig:
     optim: Dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class DetectSettings:
+    """VOC07 detection transfer (``compress_lit.detect``): Fast R-CNN's VOC07 solver where it applies (2 images
+    per step, SGD lr 0.001, momentum 0.9, weight decay 5e-4, 40k iterations with x0.1 after 30k: about 16 and 12
+    epochs of the 5,011 trainval images; single scale 600, at most 1000; flip; 128 RoIs per image, 25%
+    foreground; difficult objects left out of training), torchvision's Faster R-CNN defaults otherwise."""
+
+    root: str = MISSING  # folder holding VOCdevkit/VOC2007 (or VOC2007 itself)
+    train_split: str = "trainval"
+    test_split: str = "test"
+    min_size: int = 600
+    max_size: int = 1000
+    hflip: bool = True
+    use_difficult: bool = False  # train on difficult objects too (Fast R-CNN leaves them out)
+    batch_size: int = 2  # images per step, global (split over the processes)
+    eval_batch_size: int = 2
+    epochs: int = 16
+    milestones: List[int] = field(default_factory=lambda: [12])
+    gamma: float = 0.1
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    freeze_bn: bool = True
+    anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 128
+    box_positive_fraction: float = 0.25
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    iou_threshold: float = 0.5
+    ap: str = "11point"  # 11point (VOC07) | area
+    num_workers: int = 4
+
+
+@dataclass
+class DetectEntryConfig:
+    checkpoint: str = MISSING
+    model_format: str = "student"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataOverrides = field(default_factory=DataOverrides)  # type: ignore[valid-type]  # mean/std only
+    detect: DetectSettings = field(default_factory=DetectSettings)
+    trainer: Dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+    seed: int = 0
+    method: Dict[str, Any] = field(default_factory=dict)
+    optim: Dict[str, Any] = field(default_factory=dict)
+
+
 def register_eval_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="linear_schema", node=LinearEntryConfig)
+    cs.store(name="detect_schema", node=DetectEntryConfig)

@@ -19,7 +19,7 @@ from .efficientnet import EfficientNetB0
 from .mobilenet import MobileNetV2
 from .mobilenetv3 import MobileNetV3Large
 from .resnet import ResNet, resnet18, resnet34, resnet50, resnet50x4
-from .vit import EMBEDDINGS, OVERRIDABLE as VIT_OPTIONS, VIT_SPECS, ViT, vit
+from .vit import EMBEDDINGS, OVERRIDABLE as VIT_OPTIONS, VIT_SPECS, ViT, vit_constructor
 
 ARCHITECTURES = {
     "alexnet": AlexNet,
@@ -30,7 +30,7 @@ ARCHITECTURES = {
     "mobilenetv2": MobileNetV2,
     "mobilenetv3_large": MobileNetV3Large,
     "efficientnet_b0": EfficientNetB0,
-    **{name: vit(name) for name in VIT_SPECS},
+    **{name: vit_constructor(name) for name in VIT_SPECS},
 }
 
 

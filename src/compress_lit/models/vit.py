@@ -153,6 +153,24 @@ class ViT(nn.Module):
         patch_pos = grid.permute(0, 2, 3, 1).reshape(1, h * w, d).to(cls_pos.dtype)
         return torch.cat([cls_pos, patch_pos], dim=1)
 
+    def for_input_size(self, height: int, width: int) -> tuple["ViT", str | None]:
+        """For a fixed input size (an export): a copy whose position table is already interpolated to that grid, so
+        the graph holds a constant instead of a bicubic resize (same numbers); ``self`` when no interpolation is
+        needed. Returns the model and a note (None when unchanged)."""
+        import copy
+
+        p = self.spec.patch_size
+        h, w = height // p, width // p
+        if (h, w) == self.grid:
+            return self, None
+        with torch.no_grad():
+            table = self.position_embedding(h, w).detach().clone()
+        model = copy.deepcopy(self)
+        model.pos_embed = nn.Parameter(table, requires_grad=self.pos_embed.requires_grad)
+        model.grid = (h, w)
+        return model, (f"pos_embed: the {self.grid[0]}x{self.grid[1]} position table interpolated once to the "
+                       f"{h}x{w} grid of {height}x{width} px (a constant in the graph)")
+
     def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """``B x (1 + R + h w) x D`` tokens before the blocks (class, registers, patches), and the grid h, w."""
         x = self.patch_embed(x)  # B h w D
@@ -198,7 +216,7 @@ class ViT(nn.Module):
         return self.pool(self.norm(x))
 
 
-def vit(name: str):
+def vit_constructor(name: str):
     """The constructor of the architecture ``name`` of :data:`VIT_SPECS`."""
     spec = VIT_SPECS[name]
 
@@ -209,4 +227,4 @@ def vit(name: str):
     return build
 
 
-__all__ = ["EMBEDDINGS", "OVERRIDABLE", "ViT", "ViTSpec", "VIT_SPECS", "resolve_spec", "vit"]
+__all__ = ["EMBEDDINGS", "OVERRIDABLE", "ViT", "ViTSpec", "VIT_SPECS", "resolve_spec", "vit_constructor"]

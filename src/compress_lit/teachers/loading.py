@@ -19,17 +19,25 @@ from .frozen import FrozenTeacher
 log = logging.getLogger(__name__)
 
 
+def arch_problem(fmt: str, arch: str | None) -> str | None:
+    """Why ``arch`` cannot read format ``fmt``'s releases (None when it can, or when the format takes any)."""
+    spec = FORMATS.get(fmt)
+    if spec is None or spec.archs is None or arch is None or arch in spec.archs:
+        return None
+    note = f" ({spec.arch_note})" if spec.arch_note else ""
+    return f"format {fmt!r} fits teacher.arch one of {list(spec.archs)}, not {arch!r}{note}"
+
+
 def check_arch(fmt: str, model: nn.Module, where: str) -> None:
     """The architecture must be one the format's releases come in (when the format says so)."""
-    spec = FORMATS.get(fmt)
-    arch = getattr(model, "arch_name", None)
-    if spec is None or spec.archs is None or arch is None or arch in spec.archs:
-        return
-    note = f" ({spec.arch_note})" if spec.arch_note else ""
-    raise TeacherLoadError(f"{where}: format {fmt!r} fits teacher.arch one of {list(spec.archs)}, not {arch!r}{note}")
+    why = arch_problem(fmt, getattr(model, "arch_name", None))
+    if why:
+        raise TeacherLoadError(f"{where}: {why}")
 
 
 def _fits(fmt: str, obj: Any, model: nn.Module) -> bool:
+    if arch_problem(fmt, getattr(model, "arch_name", None)):
+        return False
     try:
         _, problems = check_mapping(FORMATS[fmt].map(obj, model), model)
     except LayoutMismatch:
@@ -105,4 +113,4 @@ def build_teacher(cfg: Any) -> FrozenTeacher:
     return teacher
 
 
-__all__ = ["build_teacher", "check_arch", "load_backbone_state", "load_state"]
+__all__ = ["arch_problem", "build_teacher", "check_arch", "load_backbone_state", "load_state"]

@@ -22,6 +22,6 @@ def map_barlowtwins(obj: Any, model: nn.Module) -> Mapped:
     return plain_backbone(obj, WHAT)
 
 
-FORMATS = (CheckpointFormat("barlowtwins", "Barlow Twins torch.hub release (resnet50.pth): plain torchvision ResNet-50 "
-                            "state_dict, no fc, no prefix", map_barlowtwins, ("resnet50",),
-                            "Barlow Twins released a ResNet-50"),)
+FORMATS = (CheckpointFormat(
+    "barlowtwins", "Barlow Twins torch.hub release (resnet50.pth): plain torchvision ResNet-50 state_dict, no fc, "
+    "no prefix", map_barlowtwins, ("resnet50",), "Barlow Twins released a ResNet-50"),)

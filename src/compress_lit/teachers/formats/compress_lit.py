@@ -23,5 +23,6 @@ def map_compress_lit(obj: Any, model: nn.Module) -> Mapped:
     return [(k, k[len(prefix):] if k.startswith(prefix) else None, v) for k, v in sd.items()]
 
 
-FORMATS = (CheckpointFormat("compress_lit", "this project's checkpoints (pretraining: backbone.*; distillation: "
-                            "student.*)", map_compress_lit),)
+FORMATS = (CheckpointFormat(
+    "compress_lit", "this project's checkpoints (pretraining: backbone.*; distillation: student.*)",
+    map_compress_lit),)

@@ -25,5 +25,6 @@ def map_moco(obj: Any, model: nn.Module) -> Mapped:
                                                                                       "module.queue_ptr"))
 
 
-FORMATS = (CheckpointFormat("moco", "MoCo v1/v2 release: {'state_dict': {'module.encoder_q.<torchvision key>': ...}}; "
-                            "the head (fc.* / fc.0, fc.2), encoder_k and the queue dropped", map_moco),)
+FORMATS = (CheckpointFormat(
+    "moco", "MoCo v1/v2 release: {'state_dict': {'module.encoder_q.<torchvision key>': ...}}; the head (fc.* / fc.0, "
+    "fc.2), encoder_k and the queue dropped", map_moco),)

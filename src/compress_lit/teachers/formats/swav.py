@@ -21,5 +21,6 @@ def map_swav(obj: Any, model: nn.Module) -> Mapped:
                         ignored=lambda k: False)
 
 
-FORMATS = (CheckpointFormat("swav", "SwAV torch.hub release: {'module.<torchvision key>': ...}; projection_head.*, "
-                            "prototypes.* dropped", map_swav),)
+FORMATS = (CheckpointFormat(
+    "swav", "SwAV torch.hub release: {'module.<torchvision key>': ...}; projection_head.*, prototypes.* dropped",
+    map_swav),)

@@ -24,6 +24,6 @@ def map_torchvision(obj: Any, model: nn.Module) -> Mapped:
     return [(k, m, sd[k]) for k, m in torchvision_key_mapping(sd, model)]
 
 
-FORMATS = (CheckpointFormat("torchvision", "a plain state_dict (conv1.weight, layer1.0.conv1.weight, ...): a torchvision "
-                            "ImageNet classifier (its 1000-way head dropped) or a state_dict saved from this "
-                            "package's backbone; fc.* dropped", map_torchvision),)
+FORMATS = (CheckpointFormat(
+    "torchvision", "a plain state_dict (conv1.weight, layer1.0.conv1.weight, ...): a torchvision ImageNet classifier "
+    "(its 1000-way head dropped) or a state_dict saved from this package's backbone; fc.* dropped", map_torchvision),)

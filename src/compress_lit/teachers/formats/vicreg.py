@@ -23,6 +23,7 @@ def map_vicreg(obj: Any, model: nn.Module) -> Mapped:
     return plain_backbone(obj, WHAT)
 
 
-FORMATS = (CheckpointFormat("vicreg", "VICReg torch.hub release (resnet50.pth): plain torchvision-layout ResNet-50 "
-                            "state_dict (VICReg's resnet.py), no fc, no prefix", map_vicreg, ("resnet50",),
-                            "VICReg's ResNet-50 is supported (not its ResNet-50x2 / ResNet-200x2)"),)
+FORMATS = (CheckpointFormat(
+    "vicreg", "VICReg torch.hub release (resnet50.pth): plain torchvision-layout ResNet-50 state_dict (VICReg's "
+    "resnet.py), no fc, no prefix", map_vicreg, ("resnet50",),
+    "VICReg's ResNet-50 is supported (not its ResNet-50x2 / ResNet-200x2)"),)
