@@ -376,3 +376,12 @@ def test_every_loss_lives_in_compress_lit_losses_and_the_old_import_still_works(
 
     assert old.compress_loss is losses.compress_loss and old.CompReSSLoss is losses.CompReSSLoss
     assert baselines.regression_loss is losses.regression_loss and baselines.crd_info_nce is losses.crd_info_nce
+
+
+def test_momentum_is_used_by_disco_and_reported_unused_for_seed_and_simreg():
+    from compress_lit.config import warn_unused_settings
+
+    assert warn_unused_settings(_cfg("method=disco", "method.momentum=0.99")) == []
+    for method in ("seed", "simreg"):
+        (msg,) = warn_unused_settings(_cfg(f"method={method}", "method.momentum=0.99"))
+        assert f"is ignored: method={method} has no momentum student" in msg

@@ -170,6 +170,9 @@ def test_every_format_module_is_registered_and_a_choice_of_teacher_format():
     from compress_lit.evaluation.settings import MODEL_FORMATS
 
     assert TEACHER_FORMATS == teacher_formats() and MODEL_FORMATS == ("student", *TEACHER_FORMATS)
+    table = (Path(CONF).parent / "docs" / "teachers.md").read_text()
+    undocumented = [f for f in teacher_formats() if f"| `{f}` |" not in table]
+    assert not undocumented, f"docs/teachers.md's format table lacks {undocumented}"
 
 
 # ---- the real sizes, from the architecture definitions -------------------------------------------------------------
