@@ -21,15 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import register_configs, validate_pretrain, warn_queue_vs_data
 from .data import build_datamodule
-from .loggers import build_logger
 from .methods import MoCoV2
 from .resume import prepare_resume
-from .reporting import HistoryCallback, end_of_run, hydra_run_identity
+from .reporting import end_of_run
 from .safety import atomic_copy, check_writable
 from .evaluation.suite import evaluate_models, format_table
 from .distributed import apply_batch_plan
 from .startup import check_accelerator, check_mandatory, run_entry
-from .train import CONF_DIR, build_student, build_trainer
+from .train import CONF_DIR, build_run, build_student
 
 log = logging.getLogger("compress_lit.pretrain")
 register_configs()
@@ -45,6 +44,7 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.output:
         check_writable(Path(cfg.output).parent, "the output folder", cfg.safety.min_free_gb)
     pl.seed_everything(cfg.seed, workers=True)
+    logger, history, trainer = build_run(cfg, run_dir, resume.history)  # an uneven global batch fails here
     dm = build_datamodule(cfg.data, views=2)
     dm.setup("fit")
     warn_queue_vs_data(cfg, dm.num_train)
@@ -54,12 +54,6 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
                     proj_hidden_dim=m.proj_hidden_dim, proj_dim=m.proj_dim, shuffle_bn=m.shuffle_bn,
                     bn_splits=m.bn_splits,
                     config=OmegaConf.to_container(cfg, resolve=True))
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    group, job_name = hydra_run_identity()  # multirun: W&B group = the sweep, run name = the job's overrides
-    logger = build_logger(cfg.logger, run_dir, cfg.run_name or job_name, resolved, group=group,
-                          history=resume.history)
-    history = HistoryCallback()
-    trainer = build_trainer(cfg, run_dir, logger, callbacks=[history])
     apply_batch_plan(cfg, trainer, module, logger)  # data.batch_size is global; the learning rate, stated
     trainer.fit(module, datamodule=dm, ckpt_path=resume.checkpoint, weights_only=False)
     last = run_dir / "checkpoints" / "last.ckpt"

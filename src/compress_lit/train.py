@@ -241,6 +241,19 @@ def check_train_startup(cfg: DictConfig) -> None:
         check_file("teacher.checkpoint", t.checkpoint, "teacher checkpoint file")
 
 
+def build_run(cfg: DictConfig, run_dir: Path, history_rows=None):
+    """The logger, the history callback and the Trainer of a run (train and pretrain). An uneven split of the
+    global batch over the Trainer's processes fails here, before any data is read."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    group, job_name = hydra_run_identity()  # multirun: W&B group = the sweep, run name = the job's overrides
+    logger = build_logger(cfg.logger, run_dir, cfg.run_name or job_name, resolved, group=group,
+                          history=history_rows)
+    history = HistoryCallback()
+    trainer = build_trainer(cfg, run_dir, logger, callbacks=[history])
+    plan_batch(cfg, trainer.world_size)
+    return logger, history, trainer
+
+
 def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
     check_train_startup(cfg)
     warn_unused_settings(cfg)
@@ -251,13 +264,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.teacher.pretrain_if_missing:
         check_writable(cfg.cache_dir, "the cache directory (cache_dir)", cfg.safety.min_free_gb)
     pl.seed_everything(cfg.seed, workers=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    group, job_name = hydra_run_identity()  # multirun: W&B group = the sweep, run name = the job's overrides
-    logger = build_logger(cfg.logger, run_dir, cfg.run_name or job_name, resolved, group=group,
-                          history=resume.history)
-    history = HistoryCallback()
-    trainer = build_trainer(cfg, run_dir, logger, callbacks=[history])
-    plan_batch(cfg, trainer.world_size)  # an uneven split of the global batch fails now, before any data is read
+    logger, history, trainer = build_run(cfg, run_dir, resume.history)
     dm = build_datamodule(cfg.data, views=METHOD_VIEWS.get(cfg.method.name, 1))
     dm.setup("fit")
     warn_queue_vs_data(cfg, dm.num_train)
