@@ -155,3 +155,15 @@ def test_resnet_per_layer_means_its_stages(tmp_path):
     assert resolve_layers(model, "all", None, "resnet18") == ["stem", "layer1", "layer2", "layer3", "layer4", "pool"]
     assert resolve_layers(model, None, ["all"]) == list(model.layer_names)
     assert resolve_layers(model, None, None) == [None]
+
+
+def test_table_marks_the_best_layer_and_its_ties():
+    from compress_lit.evaluation.per_layer import best_layer, per_layer_table
+
+    res = {"conv1": {"top1": 50.0, "epochs": 40, "feature_dim": 9216}, "conv4": {"top1": 70.0, "epochs": 40},
+           "fc7": {"top1": 70.0, "epochs": 40}}
+    table = per_layer_table(res, "student", ten_crop=True)
+    row = table.splitlines()[2]
+    assert [c.strip() for c in row.strip("|").split("|")] == ["student", "50.00", "**70.00**", "**70.00**"]
+    assert best_layer(res) == "conv4" and "best layer: conv4 (70.00%, in bold; tied: fc7)" in table
+    assert "10-crop" in table.splitlines()[0] and table.rstrip().endswith("final epoch (10-crop)")

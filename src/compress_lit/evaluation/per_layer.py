@@ -106,19 +106,22 @@ def linear_per_layer(loaded, dm, data_cfg, layers: Sequence[Optional[str]], lcfg
 
 
 def best_layer(results: Mapping[Any, Mapping[str, Any]]) -> Any:
-    """The layer with the highest final-epoch top-1 (the first one on a tie)."""
+    """The layer with the highest final-epoch top-1 (the first in the network's order on a tie)."""
     return max(results, key=lambda name: (results[name]["top1"], -list(results).index(name)))
 
 
 def per_layer_table(results: Mapping[str, Mapping[str, Any]], label: str, ten_crop: bool = False) -> str:
-    """The paper's per-layer row: a column per layer, the final epoch's top-1, the best layer in bold; the
-    header says the epoch count and "10-crop" when the held-out images were 10-cropped."""
+    """The paper's per-layer row: a column per layer, the final epoch's top-1, the best layer in bold (every
+    layer tied with it too); the header says the epoch count and "10-crop" when the held-out images were
+    10-cropped."""
     names = list(results)
     best = best_layer(results)
+    tied = [n for n in names if n != best and results[n]["top1"] == results[best]["top1"]]
     epochs = sorted({int(r["epochs"]) for r in results.values()})
     scoring = TEN_CROP_LABEL if ten_crop else "centre crop"
     head = (f"linear top-1 (%), final epoch ({'/'.join(map(str, epochs))}), {scoring}")
-    cells = [f"**{results[n]['top1']:.2f}**" if n == best else f"{results[n]['top1']:.2f}" for n in names]
+    cells = [f"**{results[n]['top1']:.2f}**" if n == best or n in tied else f"{results[n]['top1']:.2f}"
+             for n in names]
     dims = [str(results[n].get("feature_dim", "")) for n in names]
     w = [max(len(a), len(b), len(c)) for a, b, c in zip(names, cells, dims)]
     first = max(len(head), len(label), len("feature dim"))
@@ -126,8 +129,9 @@ def per_layer_table(results: Mapping[str, Mapping[str, Any]], label: str, ten_cr
              f"|{'-' * (first + 2)}|" + "|".join("-" * (x + 1) + ":" for x in w) + "|",
              f"| {label:<{first}} | " + " | ".join(f"{c:>{x}}" for c, x in zip(cells, w)) + " |",
              f"| {'feature dim':<{first}} | " + " | ".join(f"{d:>{x}}" for d, x in zip(dims, w)) + " |"]
-    lines.append(f"\nbest layer: {best} ({results[best]['top1']:.2f}%, in bold); every number is its layer's final "
-                 f"epoch{' (' + TEN_CROP_LABEL + ')' if ten_crop else ''}")
+    ties = f"; tied: {', '.join(tied)}" if tied else ""
+    lines.append(f"\nbest layer: {best} ({results[best]['top1']:.2f}%, in bold{ties}); every number is its layer's "
+                 f"final epoch{' (' + TEN_CROP_LABEL + ')' if ten_crop else ''}")
     return "\n".join(lines)
 
 
