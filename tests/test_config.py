@@ -119,8 +119,8 @@ def test_every_group_option_composes_and_validates(group, option):
     overrides = [f"{group}={option}"]
     if group == "teacher" and option not in ("demo", "fashion_mnist"):
         overrides.append("teacher.checkpoint=/ckpt/teacher.pth")
-    if group == "data" and option == "imagenet":
-        overrides.append("data.root=/data/imagenet")
+    if group == "data" and option in ("imagenet", "places205"):  # user-provided ImageFolder trees
+        overrides.append(f"data.root=/data/{option}")
     validate_train(train_cfg(*overrides))
 
 
