@@ -305,7 +305,7 @@ def cluster_pictures(model, dm, out_dir: str | Path, device="cpu", train_subset:
     plot_cluster_grid(out_dir / CLUSTER_GRID, res.val_clusters, res.mapping, dm.class_names, dataset=val.dataset,
                       denormalize=denormalizer(cfg.mean, cfg.std), seed=seed)
     title = (f"cluster -> class (val), k-means seed {seed}: alignment {res.accs[0]:.2f}%\n"
-             f"(this seed only; the results table gives the mean over seeds)")
+             f"(one seed; the results table: mean over seeds)")
     title = f"{tag}\n{title}" if tag else title
     plot_confusion(out_dir / CLUSTER_CONFUSION, res.val_clusters, vy.numpy(), res.mapping, dm.class_names,
                    k=res.k, title=title)
