@@ -28,12 +28,7 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 register_configs()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread (conftest.py)
 
 
 def randomise_bn(model: nn.Module, seed: int = 3) -> nn.Module:

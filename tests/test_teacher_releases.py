@@ -29,12 +29,7 @@ TINY = dict(embed_dim=32, depth=2, num_heads=2)
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread (conftest.py)
 
 
 def images(size: int, n: int = 2, seed: int = 0) -> torch.Tensor:

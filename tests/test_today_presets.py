@@ -24,12 +24,7 @@ PRESETS = {  # preset: (teacher arch, teacher embed dim, student arch, student e
 register_configs()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread (conftest.py)
 
 
 def _cfg(*overrides):

@@ -23,12 +23,7 @@ N = 96  # training images (data.train_subset)
 register_configs()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread (conftest.py)
 
 
 @pytest.fixture(scope="module")
