@@ -117,6 +117,9 @@ class DataConfig:
     val_subset: Optional[int] = None
     val_fraction: float = 0.2  # digits only: held-out share of the 1,797 images (stratified, fixed seed)
     split_seed: int = 0
+    # hyperparameter search: hold out this many training images (seeded by split_seed) and evaluate on them instead
+    # of the test split, which is then never read; train_subset is drawn from the rest (data/datamodule.py)
+    holdout: Optional[int] = None
 
 
 @dataclass
@@ -186,6 +189,7 @@ class EvalConfig:
     at_end: bool = True  # evaluate student and teacher (and the random-init student) after training
     random_baseline: bool = True
     include_teacher: bool = True  # evaluate the teacher too (the reproduce command evaluates it once instead)
+    pixel_baseline: bool = False  # evaluate the raw pixels too (the flattened normalised image: the floor row)
     cluster_seeds: int = 5  # cluster alignment repeated over this many k-means seeds (0: skip)
     # during training: k-NN and cluster alignment of the embedding every N epochs (0: off), on subsets
     every_n_epochs: int = 0
@@ -331,6 +335,9 @@ def _validate_common(cfg: DictConfig) -> None:
         raise ConfigError("data.root is required for data=imagefolder (a folder holding train/ and val/)")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} is invalid: need 0 < value < 1")
+    if cfg.data.get("holdout") is not None and cfg.data.holdout <= 0:
+        raise ConfigError(f"data.holdout={cfg.data.holdout} is invalid: need a positive number of training images "
+                          f"(or null to evaluate on the test split)")
     _positive(cfg, "eval.every_n_epochs", strict=False)
     _positive(cfg, "eval.cluster_seeds", strict=False)
     if any(k <= 0 for k in cfg.eval.knn_k):

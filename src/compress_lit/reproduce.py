@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import numpy as np
@@ -51,6 +55,18 @@ class AblationConfig:
 
 
 @dataclass
+class CandidateConfig:
+    """One setting tried by the calibration (``reproduce_preset=calibrate``): ``overrides`` on top of the preset's
+    arguments for ``method`` on ``student``; the candidates of one ``group`` compete on ``metric``."""
+    group: str = MISSING
+    label: str = MISSING
+    method: str = MISSING
+    student: str = "alexnet_small"
+    overrides: list[str] = field(default_factory=list)
+    metric: str = "1-NN"
+
+
+@dataclass
 class ReproduceConfig:
     name: str = MISSING  # preset name, used in the output file names
     out_dir: str = "results"
@@ -58,16 +74,27 @@ class ReproduceConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     students: list[str] = field(default_factory=lambda: ["alexnet_small", "resnet18_small"])
     methods: list[str] = field(default_factory=lambda: list(METHOD_LABELS)[:8])
+    # the later family (SEED, SimReg, DisCo): rows of the same table, run by `part=family` (`make reproduce-family`)
+    family_methods: list[str] = field(default_factory=list)
+    # main: the teacher and `methods`; family: `family_methods` (the main rows are read from their finished runs,
+    # never run); all: both; teacher: only build (or check) the teacher (`make reproduce-teacher`)
+    part: str = "all"
+    # which preset's teacher to use (default: this preset's own, results/teacher/<name>_teacher.ckpt)
+    teacher_name: Optional[str] = None
     teacher_args: list[str] = field(default_factory=list)  # compress_lit.pretrain overrides for the teacher
     teacher_overrides: list[str] = field(default_factory=list)  # compress_lit.train overrides that describe it
     common_args: list[str] = field(default_factory=list)  # every student run (data, epochs, eval)
     scratch_args: list[str] = field(default_factory=list)  # MoCo-from-scratch runs only
     train_args: list[str] = field(default_factory=list)  # distillation / supervised runs only
     # methods that run the teacher at every step read it from the K-view feature cache instead (teachers/cache.py):
-    # the cache is built once (by the first such run) and shared by every student, seed and method
+    # the cache is built once (by the first such run, alone) and shared by every student, seed and method
     cached_methods: list[str] = field(default_factory=list)
     cache_args: list[str] = field(default_factory=list)  # the teacher.cached=... overrides for those runs
+    # student runs at once; each gets cpu_count // jobs threads (two one-thread runs use 2 cores better than one
+    # two-thread run for these small networks)
+    jobs: int = 1
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    candidates: list[CandidateConfig] = field(default_factory=list)  # non-empty: a calibration (validation split)
     dry_run: bool = False  # print the commands only
 
 
@@ -82,31 +109,61 @@ def _hash(args: list[str]) -> str:
     return hashlib.sha1("\0".join(args).encode()).hexdigest()[:10]
 
 
-def _run_step(module: str, args: list[str], runs: Path, tag: str, dry: bool) -> tuple[Path, dict | None]:
-    key = _hash([module, *args])
-    run_dir = runs / f"{tag}-{key}"
-    done = run_dir / "results.json"
+def _find_done(runs: Path, tag: str, key: str) -> Path:
+    done = runs / f"{tag}-{key}" / "results.json"
     if not done.exists():  # the same command under another tag (the ablation's centre is a table run)
         done = next(iter(sorted(runs.glob(f"*-{key}/results.json"))), done)
-        run_dir = done.parent
+    return done
+
+
+def _run_step(module: str, args: list[str], runs: Path, tag: str, dry: bool, threads: Optional[int] = None,
+              log_file: bool = False, run: bool = True) -> tuple[Path, dict | None]:
+    """Run (or reuse) one step. ``threads``: its torch / OpenMP threads; ``log_file``: its output goes to
+    ``<run dir>/step.log`` (parallel steps) and only this command's own lines are printed; ``run=False``: reuse a
+    finished run or return ``None`` (the rows of another part)."""
+    key = _hash([module, *args])
+    done = _find_done(runs, tag, key)
+    run_dir = done.parent
     if done.exists():
         print(f"[reproduce] {tag}: reusing {run_dir}", flush=True)
         return run_dir, json.loads(done.read_text())
+    if not run:
+        print(f"[reproduce] {tag}: no finished run (another part runs it); row left out", flush=True)
+        return run_dir, None
     cmd = [sys.executable, "-m", module, *args, f"hydra.run.dir={run_dir}"]
     print(f"[reproduce] {tag}: {' '.join(cmd[1:])}", flush=True)
     if dry:
         return run_dir, None
+    env = None
+    if threads:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.time()
-    rc = subprocess.run(cmd).returncode
+    if log_file:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "step.log", "w") as log:
+            rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            tail = (run_dir / "step.log").read_text(errors="replace").strip().splitlines()[-5:]
+            print("\n".join(f"[reproduce] {tag} | {line}" for line in tail), flush=True)
+    else:
+        rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
-        raise StepFailed(f"step {tag} failed (exit status {rc}; its message is above): python -m {module} "
-                         f"{' '.join(args)}")
+        where = f"; its log: {run_dir / 'step.log'}" if log_file else "; its message is above"
+        raise StepFailed(f"step {tag} failed (exit status {rc}{where}): python -m {module} {' '.join(args)}")
     print(f"[reproduce] {tag}: done in {time.time() - t0:.0f} s", flush=True)
     return run_dir, json.loads(done.read_text())
 
 
-def _row(res: dict) -> dict[str, float]:
-    return next(iter(res.values()))
+def _row(res: dict, key: Optional[str] = None) -> dict[str, float]:
+    """The row ``key`` of a run's results (``None``: the trained model, i.e. the first ``student ...`` row, else
+    the first row)."""
+    if key is not None:
+        return res[key]
+    return next((v for k, v in res.items() if k.startswith("student (")), next(iter(res.values())))
+
+
+def _pick(res: dict, prefix: str) -> Optional[dict[str, float]]:
+    return next((v for k, v in res.items() if k.startswith(prefix)), None)
 
 
 def aggregate(rows: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, list[float]]]:
@@ -121,19 +178,88 @@ def aggregate(rows: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, li
     return out
 
 
+# rows that are references, not self-supervised students: never marked best, never in the gap or the ranking
+REFERENCE_ROWS = ("raw pixels", "random init", "teacher (MoCo v2)", "supervised")
+SCRATCH = METHOD_LABELS["moco_scratch"]
+TEACHER = "teacher (MoCo v2)"
+
+
+def best_rows(rows: dict[str, dict]) -> dict[str, set[str]]:
+    """Per metric, the self-supervised student row(s) with the highest mean (ties all marked); nothing is marked
+    when fewer than two rows compete."""
+    out: dict[str, set[str]] = {}
+    for m in METRICS:
+        cands = {k: r[m][0] for k, r in rows.items() if k not in REFERENCE_ROWS and m in r}
+        if len(cands) >= 2:
+            top = max(cands.values())
+            out[m] = {k for k, v in cands.items() if round(v, 2) == round(top, 2)}
+    return out
+
+
+def claim_check(rows: dict[str, dict]) -> Optional[dict]:
+    """The paper's claim on one student, on 1-NN means: each distillation method's share of the scratch-to-teacher
+    gap, ``(method - scratch) / (teacher - scratch)``, the methods ranked, and whether CompReSS (its better
+    variant) ranks first among them. ``None`` without a teacher and a scratch row."""
+    if TEACHER not in rows or SCRATCH not in rows or "1-NN" not in rows[TEACHER] or "1-NN" not in rows[SCRATCH]:
+        return None
+    teacher, scratch = rows[TEACHER]["1-NN"][0], rows[SCRATCH]["1-NN"][0]
+    methods = {k: r["1-NN"][0] for k, r in rows.items()
+               if k not in REFERENCE_ROWS and k != SCRATCH and "1-NN" in r}
+    if not methods:
+        return None
+    gap = teacher - scratch
+    ranking = sorted(methods, key=lambda k: -methods[k])
+    compress = [k for k in ranking if k.startswith("CompReSS")]
+    return {"teacher_1nn": teacher, "scratch_1nn": scratch, "gap_points": gap,
+            "gap_closed": {k: (methods[k] - scratch) / gap if gap else float("nan") for k in ranking},
+            "ranking": ranking, "compress_rank": ranking.index(compress[0]) + 1 if compress else None,
+            "compress_first": bool(compress) and ranking[0] == compress[0]}
+
+
+def claim_lines(student: str, c: Optional[dict]) -> list[str]:
+    if c is None:
+        return [f"{student}: no teacher or no MoCo-from-scratch row; the gap cannot be computed."]
+    head = (f"{student}: teacher {c['teacher_1nn']:.2f}, MoCo from scratch {c['scratch_1nn']:.2f} (1-NN; gap "
+            f"{c['gap_points']:+.2f} points).")
+    if c["gap_points"] <= 0:
+        head += " The teacher does not lead the student from scratch: the shares below measure nothing."
+    lines = [head, "", "| method | gap closed (1-NN) | rank |", "|---|---:|---:|"]
+    for i, k in enumerate(c["ranking"]):
+        share = c["gap_closed"][k]
+        lines.append(f"| {k} | {f'{100 * share:.0f}%' if math.isfinite(share) else '–'} | {i + 1} |")
+    verdict = ("CompReSS ranks first among the distillation methods, as the paper claims." if c["compress_first"]
+               else f"CompReSS does not rank first: {c['ranking'][0]} leads; CompReSS's better variant is "
+                    f"#{c['compress_rank']} of {len(c['ranking'])}.")
+    return lines + ["", verdict]
+
+
 def markdown_table(table: dict[str, dict[str, dict]], meta: dict) -> str:
     lines = [f"# CompReSS comparison on {meta['data']} (test split; top-1 %, mean ± std over seeds)", "",
              f"Command: `{meta['command']}`. Teacher: {meta['teacher']}. Students: equal epochs and augmentations "
              f"({meta['student_args']}). Seeds: {meta['seeds']}. Final-epoch numbers only; cluster alignment is "
              f"itself a mean over k-means seeds within each run.", ""]
+    if meta.get("notes"):
+        lines += [meta["notes"], ""]
     for student, rows in table.items():
+        best = best_rows(rows)
         lines += [f"## {student}", "", "| model | 1-NN | 20-NN | cluster alignment | linear | runs |",
                   "|---|---:|---:|---:|---:|---:|"]
         for label, r in rows.items():
-            cells = [f"{r[m][0]:.2f} ± {r[m][1]:.2f}" if m in r else "–" for m in METRICS]
+            cells = []
+            for m in METRICS:
+                cell = f"{r[m][0]:.2f} ± {r[m][1]:.2f}" if m in r else "–"
+                cells.append(f"**{cell}**" if label in best.get(m, ()) else cell)
             n = max((r[m][2] for m in METRICS if m in r), default=0)
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {n} |")
         lines.append("")
+        if best:
+            lines += ["Bold: the best self-supervised student in the column (raw pixels, random init, teacher and "
+                      "supervised are references).", ""]
+    claims = {s: claim_check(rows) for s, rows in table.items()}
+    if any(c is not None for c in claims.values()):
+        lines += ["## The claim: share of the scratch-to-teacher gap closed (1-NN means)", ""]
+        for student, c in claims.items():
+            lines += claim_lines(student, c) + [""]
     return "\n".join(lines)
 
 
@@ -160,14 +286,19 @@ def bar_chart(table: dict, path: Path) -> None:
 
 
 def step_command(cfg: DictConfig, student: str, method: str, seed: int, teacher_ckpt: Path,
-                 extra: tuple[str, ...] = ()) -> tuple[str, list[str]]:
-    """The module and overrides of one student run; ``extra`` overrides come last (the ablations' changes)."""
+                 extra: tuple[str, ...] = (), references: tuple[str, ...] = ()) -> tuple[str, list[str]]:
+    """The module and overrides of one student run; ``extra`` overrides come last (the ablations' changes).
+    ``references``: the reference rows this run evaluates beside its student, any of ``random`` (the random-init
+    student), ``teacher`` and ``pixels`` (raw pixels); the table takes them from the supervised runs."""
     if method == "moco_scratch":  # MoCo v2 from scratch on the student: the pretraining entry point
         return "compress_lit.pretrain", [f"student={student}", f"seed={seed}", *cfg.common_args, *cfg.scratch_args,
                                          *extra]
     args = [*cfg.teacher_overrides, f"teacher.checkpoint={teacher_ckpt}", "teacher.pretrain_if_missing=false",
             f"student={student}", f"method={method}", f"seed={seed}", *cfg.common_args, *cfg.train_args,
-            "eval.include_teacher=false", "eval.random_baseline=false"]
+            f"eval.include_teacher={str('teacher' in references).lower()}",
+            f"eval.random_baseline={str('random' in references).lower()}"]
+    if "pixels" in references:
+        args.append("eval.pixel_baseline=true")
     if method in cfg.cached_methods:
         args += list(cfg.cache_args)
     return "compress_lit.train", [*args, *extra]
@@ -226,46 +357,254 @@ def run_ablation(cfg: DictConfig, runs: Path, teacher_ckpt: Path, out: Path) -> 
     return table
 
 
+PARTS = ("all", "main", "family", "teacher")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def teacher_files(cfg: DictConfig, out: Path) -> tuple[Path, Path]:
+    """The teacher checkpoint and its manifest (``<name>_teacher.json``: the command's hash, the file's SHA-256,
+    the teacher's own evaluation and build time). Relative paths: run hashes stay checkout-independent."""
+    name = cfg.teacher_name or cfg.name
+    return out / "teacher" / f"{name}_teacher.ckpt", out / "teacher" / f"{name}_teacher.json"
+
+
+def ensure_teacher(cfg: DictConfig, out: Path) -> tuple[Path, dict | None]:
+    """Reuse the teacher when its checkpoint matches the SHA-256 its manifest recorded (and, for the preset's own
+    teacher, the manifest's command is this preset's); build it when it is missing; refuse a file whose hash
+    differs (a teacher replaced by hand would silently change every row)."""
+    ckpt, manifest = teacher_files(cfg, out)
+    t_args = [*cfg.teacher_args, f"output={ckpt}"]
+    key = _hash(["compress_lit.pretrain", *t_args])
+    borrowed = bool(cfg.teacher_name) and cfg.teacher_name != cfg.name
+    if cfg.dry_run:
+        built = f"the {cfg.teacher_name} preset's" if borrowed else f"python -m compress_lit.pretrain {' '.join(t_args)}"
+        print(f"[reproduce] teacher: {ckpt} ({built})", flush=True)
+        return ckpt, None
+    if manifest.exists() and ckpt.exists():
+        m = json.loads(manifest.read_text())
+        if borrowed or m.get("key") == key:
+            got = _sha256(ckpt)
+            if got != m.get("sha256"):
+                raise StepFailed(f"teacher checkpoint {ckpt} does not match the SHA-256 recorded in {manifest} "
+                                 f"({got[:12]}... vs {str(m.get('sha256'))[:12]}...): delete both files to rebuild "
+                                 f"it (make reproduce-teacher)")
+            print(f"[reproduce] teacher: reusing {ckpt} (SHA-256 {got[:12]}... as recorded)", flush=True)
+            return ckpt, m.get("results")
+    if borrowed:
+        raise StepFailed(f"the {cfg.teacher_name} preset's teacher {ckpt} (with {manifest}) is not built: run "
+                         f"make reproduce-teacher first")
+    t0 = time.time()
+    run_dir, res = _run_step("compress_lit.pretrain", t_args, out / "teacher", "teacher", False)
+    if not ckpt.exists():  # the teacher's run was reused but its copy is gone: take it from the run's checkpoints
+        from .safety import atomic_copy
+
+        atomic_copy(run_dir / "checkpoints" / "last.ckpt", ckpt)
+    record = {"key": key, "command": f"python -m compress_lit.pretrain {' '.join(t_args)}",
+              "sha256": _sha256(ckpt), "bytes": ckpt.stat().st_size, "results": res,
+              "seconds_this_call": round(time.time() - t0, 1)}
+    from .safety import atomic_write_bytes
+
+    atomic_write_bytes(manifest, (json.dumps(record, indent=2) + "\n").encode())
+    print(f"[reproduce] teacher: {ckpt} built, SHA-256 {record['sha256'][:12]}... recorded in {manifest}",
+          flush=True)
+    return ckpt, res
+
+
+@dataclass
+class Step:
+    tag: str
+    module: str
+    args: list[str]
+    run: bool  # False: another part's step, only read when finished
+    student: str = ""
+    method: str = ""
+    seed: int = 0
+    references: tuple[str, ...] = ()
+
+
+def plan_steps(cfg: DictConfig, teacher_ckpt: Path) -> list[Step]:
+    """Every student run of the table, in table order. The supervised runs (or, without them, the first
+    distillation method's) also evaluate the reference rows: the random-init student on every seed, the teacher
+    and the raw pixels on the first seed (they do not depend on the seed)."""
+    run_main = cfg.part in ("all", "main")
+    run_family = cfg.part in ("all", "family")
+    methods = [*cfg.methods, *[m for m in cfg.family_methods if m not in cfg.methods]]
+    ref_method = "supervised" if "supervised" in methods else next((m for m in methods if m != "moco_scratch"), None)
+    steps = []
+    for student in cfg.students:
+        for method in methods:
+            runs = run_family if (method in cfg.family_methods and method not in cfg.methods) else run_main
+            for i, seed in enumerate(cfg.seeds):
+                refs: tuple[str, ...] = ()
+                if method == ref_method:
+                    refs = ("random", "teacher", "pixels") if i == 0 else ("random",)
+                module, args = step_command(cfg, student, method, seed, teacher_ckpt, references=refs)
+                steps.append(Step(f"{student}-{method}-s{seed}", module, args, runs, student, method, seed, refs))
+    return steps
+
+
+def execute(cfg: DictConfig, steps: list[Step], runs: Path) -> list[dict | None]:
+    """Run the steps (``jobs`` at a time); the first step that builds the teacher cache runs alone first, so that
+    parallel steps never build it twice."""
+    results: list[dict | None] = [None] * len(steps)
+    jobs = max(1, int(cfg.jobs))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    todo = []
+    first: dict[str, int] = {}  # the same command twice (a calibration's centre in several groups) runs once
+    for i, st in enumerate(steps):
+        key = _hash([st.module, *st.args])
+        if key in first:
+            continue
+        first[key] = i
+        done = _find_done(runs, st.tag, key)
+        if done.exists() or not st.run or cfg.dry_run or jobs == 1:
+            results[i] = _run_step(st.module, st.args, runs, st.tag, cfg.dry_run, run=st.run)[1]
+        else:
+            todo.append(i)
+    first_cached = next((i for i in todo if steps[i].method in cfg.cached_methods), None)
+    if first_cached is not None:
+        st = steps[first_cached]
+        results[first_cached] = _run_step(st.module, st.args, runs, st.tag, False, threads=None, log_file=True)[1]
+        todo.remove(first_cached)
+    if todo:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {i: pool.submit(_run_step, steps[i].module, steps[i].args, runs, steps[i].tag, False,
+                                      threads, True) for i in todo}
+            failed = None
+            for i, fut in futures.items():
+                try:
+                    results[i] = fut.result()[1]
+                except StepFailed as e:  # let the others finish (their runs are reused next time), then report
+                    failed = failed or e
+            if failed:
+                raise failed
+    for i, st in enumerate(steps):
+        j = first[_hash([st.module, *st.args])]
+        if j != i:
+            results[i] = results[j]
+    return results
+
+
+def table_rows(cfg: DictConfig, steps: list[Step], results: list[dict | None], teacher_res: dict | None
+               ) -> dict[str, dict]:
+    """Per student: the reference rows (raw pixels, random init, teacher, supervised) then every method."""
+    table: dict[str, dict] = {}
+    for student in cfg.students:
+        rows: dict[str, list] = {"raw pixels": [], "random init": [], TEACHER: []}
+        for st, res in zip(steps, results):
+            if st.student != student or res is None:
+                continue
+            label = METHOD_LABELS.get(st.method, st.method)
+            rows.setdefault(label, []).append(_row(res))
+            for ref, prefix, name in (("pixels", "raw pixels", "raw pixels"),
+                                      ("random", "student, random init", "random init"),
+                                      ("teacher", "teacher (", TEACHER)):
+                row = _pick(res, prefix) if ref in st.references else None
+                if row is not None:
+                    rows[name].append(row)
+        if not rows[TEACHER] and teacher_res:  # no reference run finished: the teacher's own evaluation
+            rows[TEACHER] = [_row(teacher_res)]
+        order = ["raw pixels", "random init", TEACHER, "supervised", SCRATCH]
+        ordered = {k: rows[k] for k in order if rows.get(k)}
+        ordered.update({k: v for k, v in rows.items() if k not in ordered and v})
+        table[student] = aggregate(ordered)
+    return table
+
+
 def run_reproduce(cfg: DictConfig) -> dict:
-    check_mandatory(cfg, {"name": "reproduce_preset=full|quick (or name=<label>)"})
+    check_mandatory(cfg, {"name": "reproduce_preset=full|quick|calibrate (or name=<label>)"})
+    if cfg.part not in PARTS:
+        from .config import ConfigError
+
+        raise ConfigError(f"part={cfg.part!r} is invalid: choose one of {list(PARTS)}")
     out = Path(cfg.out_dir)
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    teacher_ckpt = out / "teacher" / f"{cfg.name}_teacher.ckpt"  # relative: run hashes stay checkout-independent
-    t_args = [*cfg.teacher_args, f"output={teacher_ckpt}"]
-    _, t_res = _run_step("compress_lit.pretrain", t_args, runs, "teacher", cfg.dry_run)
-    if not teacher_ckpt.exists() and not cfg.dry_run:
-        # the teacher's run was reused but its copy is gone: take it from the run's checkpoints
-        from .safety import atomic_copy
-
-        atomic_copy(runs.glob("teacher-*/checkpoints/last.ckpt").__next__(), teacher_ckpt)
-    table: dict[str, dict] = {}
-    for student in cfg.students:
-        rows: dict[str, list] = {"teacher (MoCo v2)": [_row(t_res)] if t_res else []}
-        for method in cfg.methods:
-            label = METHOD_LABELS.get(method, method)
-            rows[label] = []
-            for seed in cfg.seeds:
-                module, args = step_command(cfg, student, method, seed, teacher_ckpt)
-                _, res = _run_step(module, args, runs, f"{student}-{method}-s{seed}", cfg.dry_run)
-                if res:
-                    rows[label].append(_row(res))
-        table[student] = aggregate(rows)
+    if cfg.candidates:
+        return run_calibration(cfg, runs, out)
+    teacher_ckpt, t_res = ensure_teacher(cfg, out)  # every part: reused when its hash matches, else built
+    if cfg.part == "teacher":
+        return {"teacher": t_res}
+    steps = plan_steps(cfg, teacher_ckpt)
+    results = execute(cfg, steps, runs)
     if cfg.dry_run:
         if cfg.ablation.enabled:
             run_ablation(cfg, runs, teacher_ckpt, out)
         return {}
+    table = table_rows(cfg, steps, results, t_res)
+    _, manifest = teacher_files(cfg, out)
+    sha = json.loads(manifest.read_text()).get("sha256", "") if manifest.exists() else ""
     meta = {"data": cfg.data_name, "command": f"python -m compress_lit.reproduce reproduce_preset={cfg.name}",
-            "teacher": " ".join(cfg.teacher_args), "student_args": " ".join(cfg.common_args),
-            "seeds": list(cfg.seeds)}
+            "teacher": " ".join(cfg.teacher_args) + (f" (SHA-256 {sha[:12]}...)" if sha else ""),
+            "student_args": " ".join(cfg.common_args), "seeds": list(cfg.seeds)}
+    claims = {s: claim_check(rows) for s, rows in table.items()}
     stem = out / f"table1_{cfg.data_name}" if cfg.name == "full" else out / f"table1_{cfg.data_name}_{cfg.name}"
     Path(f"{stem}.md").write_text(markdown_table(table, meta) + "\n")
-    Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "table": table}, indent=2))
+    Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "table": table, "claim": claims}, indent=2))
     bar_chart(table, Path(f"{stem}.png"))
     print(Path(f"{stem}.md").read_text(), flush=True)
     if cfg.ablation.enabled:
         run_ablation(cfg, runs, teacher_ckpt, out)
     return table
+
+
+def run_calibration(cfg: DictConfig, runs: Path, out: Path) -> dict:
+    """``reproduce_preset=calibrate``: every candidate on the preset's validation split (``data.holdout`` in its
+    ``common_args``: training images held out, the test split never read), each group's best on its metric marked
+    as chosen; written to ``<out_dir>/calibration_<data>.md`` / ``.json``."""
+    if not any(a.startswith("data.holdout=") for a in cfg.common_args):
+        from .config import ConfigError
+
+        raise ConfigError("a calibration (candidates) must evaluate on a validation split: add data.holdout=<n> to "
+                          "common_args (the test split must never choose a hyperparameter)")
+    teacher_ckpt, _ = ensure_teacher(cfg, out)
+    steps = []
+    for c in cfg.candidates:
+        for seed in cfg.seeds:
+            module, args = step_command(cfg, c.student, c.method, seed, teacher_ckpt, tuple(c.overrides))
+            steps.append(Step(f"calibrate-{c.student}-{c.method}-{_hash(list(c.overrides))}-s{seed}", module, args,
+                              True, c.student, c.method, seed))
+    results = execute(cfg, steps, runs)
+    if cfg.dry_run:
+        return {}
+    groups: dict[str, list[dict]] = {}
+    per = len(cfg.seeds)
+    for j, c in enumerate(cfg.candidates):
+        res = [_row(r) for r in results[j * per:(j + 1) * per] if r]
+        agg = aggregate({c.label: res})[c.label]
+        groups.setdefault(c.group, []).append({"label": c.label, "method": c.method, "student": c.student,
+                                               "overrides": list(c.overrides), "metric": c.metric, "scores": agg})
+    for cands in groups.values():
+        best = max(cands, key=lambda c: c["scores"].get(c["metric"], [float("-inf")])[0])
+        for c in cands:
+            c["chosen"] = c is best
+    lines = [f"# Calibration on {cfg.data_name}: hyperparameters chosen on a validation split", "",
+             f"Command: `python -m compress_lit.reproduce reproduce_preset={cfg.name}`. Every run: "
+             f"`{' '.join(cfg.common_args)}`; seeds {list(cfg.seeds)}. The validation split is `data.holdout` "
+             "training images (seeded, disjoint from the training images); the test split is never read. "
+             "Top-1 % on the validation split, mean ± std over seeds.", ""]
+    for group, cands in groups.items():
+        lines += [f"## {group}", "", "| setting | overrides | 1-NN | 20-NN | linear | chosen |",
+                  "|---|---|---:|---:|---:|:---:|"]
+        for c in cands:
+            sc = c["scores"]
+            cells = [f"{sc[m][0]:.2f} ± {sc[m][1]:.2f}" if m in sc else "–" for m in ("1-NN", "20-NN", "linear")]
+            lines.append(f"| {c['label']} | `{' '.join(c['overrides']) or '(preset)'}` | " + " | ".join(cells)
+                         + f" | {'**yes** (' + c['metric'] + ')' if c['chosen'] else ''} |")
+        lines.append("")
+    stem = out / f"calibration_{cfg.data_name}"
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    Path(f"{stem}.json").write_text(json.dumps({"common_args": list(cfg.common_args), "seeds": list(cfg.seeds),
+                                                "groups": groups}, indent=2))
+    print(Path(f"{stem}.md").read_text(), flush=True)
+    return groups
 
 
 @hydra.main(config_path=CONF_DIR, config_name="reproduce", version_base="1.3")

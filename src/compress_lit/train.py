@@ -298,6 +298,11 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
         models[f"student ({cfg.method.name})"] = module.student
         if init_student is not None:
             models["student, random init"] = init_student.to(device)
+        if cfg.eval.pixel_baseline:
+            from .data.transforms import TENSOR_DATASETS
+            from .evaluation.pixels import RawPixels
+
+            models["raw pixels"] = RawPixels(grey=cfg.data.name in TENSOR_DATASETS)
         results = evaluate_models(models, dm, list(cfg.eval.knn_k), device, cfg.eval.cluster_seeds,
                                   cfg.eval.linear, run_dir if cfg.eval.save_features else None)
         print(f"\nTop-1 (%) on the held-out {cfg.data.name} split ({dm.num_val} images; k-NN bank, k-means and "

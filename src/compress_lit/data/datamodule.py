@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..distributed import per_process_batch
-from .datasets import DatasetError, load_splits, take_subset
+from .datasets import DatasetError, load_splits, split_holdout, take_subset
 from .transforms import MultiView, eval_transform, train_transform
 from .workers import cap_num_workers
 
@@ -48,6 +48,8 @@ class CompressDataModule(pl.LightningDataModule):
             return
         cfg = self.cfg
         train, val = load_splits(cfg)
+        if getattr(cfg, "holdout", None) is not None:  # a validation split carved from train; the test split unused
+            train, val = split_holdout(train, int(cfg.holdout), cfg.split_seed)
         train = take_subset(train, cfg.train_subset, cfg.split_seed, "data.train_subset")
         val = take_subset(val, cfg.val_subset, cfg.split_seed, "data.val_subset")
         augment = train_transform(cfg)

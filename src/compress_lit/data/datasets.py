@@ -208,6 +208,18 @@ def take_subset(dataset, size: Optional[int], seed: int, key: str):
     return dataset.select(seeded_subset_indices(len(dataset), size, seed))
 
 
+def split_holdout(train, size: int, seed: int):
+    """``(rest, holdout)``: ``size`` training samples drawn with ``seed`` become the evaluation split (``data.holdout``:
+    hyperparameters are chosen on it, never on the test split); the rest stays the training split. Both keep the
+    original sample order; they are disjoint and together are the whole training split."""
+    n = len(train)
+    if not 0 < size < n:
+        raise DatasetError(f"data.holdout={size} is invalid: need 0 < holdout < {n} (the training split's size)")
+    held = seeded_subset_indices(n, size, seed + 1)  # not the train_subset draw (which uses seed) of the same split
+    keep = sorted(set(range(n)) - set(held))
+    return train.select(keep), train.select(held)
+
+
 # ------------------------------------------------------------------------------------------------------ IDX
 _IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
                0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}

@@ -5,7 +5,7 @@ the keyword arguments from a ``teacher`` / ``student`` / ``model`` config node);
 embedding is, ``layer_names`` which layers ``forward_features`` can return, ``arch_name`` which entry of
 :data:`ARCHITECTURES` built it.
 
-Embeddings: AlexNet ReLU(fc7); ResNets, MobileNetV2 / V3 and EfficientNet the global average pool of the last
+Embeddings: AlexNet ReLU(fc7); the plain ConvNet (the Fashion-MNIST teacher), ResNets, MobileNetV2 / V3 and EfficientNet the global average pool of the last
 convolutional stage; ViTs the class token after the final norm (or ``embedding=mean_patch|cls_and_mean``).
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from .alexnet import AlexNet
+from .convnet import ConvNet
 from .efficientnet import EfficientNetB0
 from .mobilenet import MobileNetV2
 from .mobilenetv3 import MobileNetV3Large
@@ -23,6 +24,7 @@ from .vit import EMBEDDINGS, OVERRIDABLE as VIT_OPTIONS, VIT_SPECS, ViT, vit_con
 
 ARCHITECTURES = {
     "alexnet": AlexNet,
+    "convnet": ConvNet,
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,

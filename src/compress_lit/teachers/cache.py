@@ -198,7 +198,10 @@ def data_identity(dcfg: Any, num_samples: int) -> dict:
             "resize_size": int(dcfg.resize_size), "in_channels": int(dcfg.in_channels),
             "mean": _floats(dcfg.mean), "std": _floats(dcfg.std),
             "train_subset": None if dcfg.train_subset is None else int(dcfg.train_subset),
-            "split_seed": int(dcfg.split_seed)}
+            "split_seed": int(dcfg.split_seed),
+            # data.holdout changes which images form the train split; recorded only when set, so that caches built
+            # before the key existed stay valid
+            **({"holdout": int(dcfg.holdout)} if getattr(dcfg, "holdout", None) is not None else {})}
 
 
 def transform_identity(dcfg: Any, views: int = 1, base_seed: Optional[int] = None) -> dict:
@@ -247,6 +250,10 @@ def compare_meta(cached: Mapping, expected: Mapping) -> list[str]:
         if got is _ABSENT or got != want:
             got_s = "<not recorded>" if got is _ABSENT else repr(got)
             problems.append(f"{key}: cached {got_s} vs expected {want!r}")
+    want_all = _flatten(expected)
+    for key in ("data.holdout",):  # recorded only when set: a cache of a held-out train split must not pass as whole
+        if key in have and key not in want_all:
+            problems.append(f"{key}: cached {have[key]!r} vs expected <not set>")
     return problems
 
 

@@ -1,0 +1,274 @@
+"""The Table-1 protocol's parts: the teacher's conv net, the validation split carved from the train split, the
+raw-pixel floor row, the teacher's hash check, the reference rows, the claim check (gap closed, ranking), the best
+marks, parallel steps and the calibration table."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from compress_lit import reproduce as rp
+from compress_lit.config import DataConfig
+from compress_lit.data import DatasetError, build_datamodule
+from compress_lit.evaluation.pixels import RawPixels
+from compress_lit.models import build_backbone
+from compress_lit.teachers.cache import compare_meta, data_identity
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _preset(name="full", **over):
+    from hydra import compose, initialize_config_dir
+
+    from compress_lit.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="reproduce", overrides=[f"reproduce_preset={name}",
+                                                           *[f"{k}={v}" for k, v in over.items()]])
+
+
+# ---------------------------------------------------------------------------------------------- the conv net
+def test_convnet_stages_embedding_and_layers():
+    m = build_backbone("convnet", small_input=True).eval()
+    x = torch.randn(2, 3, 28, 28)
+    feats = m.forward_features(x, ("stage1", "stage2", "stage3", "stage4", "pool"))
+    assert [tuple(feats[f"stage{i}"].shape[1:]) for i in range(1, 5)] == [(64, 28, 28), (128, 14, 14),
+                                                                         (256, 7, 7), (512, 3, 3)]
+    assert m.embed_dim == 512 and torch.equal(m(x), feats["stage4"].mean((2, 3)))
+    half = build_backbone("convnet", small_input=True, width_multiplier=0.5)
+    assert half.embed_dim == 256
+    with pytest.raises(ValueError, match="small-input"):
+        build_backbone("convnet", small_input=False)
+
+
+# ----------------------------------------------------------------------------------------- the holdout split
+def _digits(**kw):
+    return build_datamodule(OmegaConf.structured(DataConfig(name="digits", image_size=8, num_workers=0, **kw)))
+
+
+def test_holdout_is_carved_from_the_train_split_and_the_test_split_is_not_read():
+    plain, held = _digits(), _digits(holdout=300)
+    plain.setup("fit")
+    held.setup("fit")
+    n = plain.num_train
+    assert held.num_val == 300 and held.num_train == n - 300
+    train_imgs = {tuple(x.flatten().tolist()) + (int(y),) for x, y, _ in plain.train_eval_dataloader().dataset}
+    rest = [tuple(x.flatten().tolist()) + (int(y),) for x, y, _ in held.train_eval_dataloader().dataset]
+    val = [tuple(x.flatten().tolist()) + (int(y),) for x, y, _ in held.val_dataloader().dataset]
+    # both come from the plain train split (digits has duplicates: compare as multisets of the plain split)
+    assert set(rest) <= train_imgs and set(val) <= train_imgs
+    assert sorted(rest + val) == sorted(tuple(x.flatten().tolist()) + (int(y),)
+                                        for x, y, _ in plain.train_eval_dataloader().dataset)
+    sub = _digits(holdout=300, train_subset=500)
+    sub.setup("fit")
+    assert sub.num_train == 500 and sub.num_val == 300
+    with pytest.raises(DatasetError, match=r"data.holdout=5000"):
+        bad = _digits(holdout=5000)
+        bad.setup("fit")
+
+
+def test_holdout_is_a_start_up_error_when_not_positive():
+    from hydra import compose, initialize_config_dir
+
+    from compress_lit.config import ConfigError, validate_train
+    from compress_lit.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["data.holdout=0"])
+    with pytest.raises(ConfigError, match=r"^data.holdout=0 is invalid"):
+        validate_train(cfg)
+
+
+def test_a_teacher_cache_of_a_holdout_split_does_not_pass_for_the_whole_split():
+    whole = OmegaConf.structured(DataConfig(name="fashion_mnist", train_subset=10000))
+    held = OmegaConf.structured(DataConfig(name="fashion_mnist", train_subset=10000, holdout=10000))
+    a, b = {"data": data_identity(whole, 10000)}, {"data": data_identity(held, 10000)}
+    assert "holdout" not in a["data"]  # caches built before the key existed stay valid
+    assert compare_meta(a, a) == [] and compare_meta(b, b) == []
+    assert any(p.startswith("data.holdout") for p in compare_meta(b, a))
+    assert any(p.startswith("data.holdout") for p in compare_meta(a, b))
+
+
+# ------------------------------------------------------------------------------------------- the pixel floor
+def test_raw_pixel_row_equals_an_independent_cosine_1nn():
+    from compress_lit.evaluation.suite import evaluate_models
+
+    dm = _digits()
+    dm.setup("fit")
+    res = evaluate_models({"raw pixels": RawPixels(grey=True)}, dm, ks=(1,), cluster_seeds=0, linear=False)
+    # independent: cosine 1-NN on the normalised grey images with numpy
+    tr = np.stack([x[0].flatten().numpy() for x, _, _ in dm.train_eval_dataloader().dataset])
+    ty = np.array([int(y) for _, y, _ in dm.train_eval_dataloader().dataset])
+    te = np.stack([x[0].flatten().numpy() for x, _, _ in dm.val_dataloader().dataset])
+    tey = np.array([int(y) for _, y, _ in dm.val_dataloader().dataset])
+    tr /= np.linalg.norm(tr, axis=1, keepdims=True)
+    te /= np.linalg.norm(te, axis=1, keepdims=True)
+    want = 100.0 * np.mean(ty[(te @ tr.T).argmax(1)] == tey)
+    assert res["raw pixels"]["1-NN"] == pytest.approx(want, abs=1e-6)
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(RawPixels(grey=True)(x), x[:, 0].flatten(1)) and RawPixels()(x).shape == (2, 48)
+
+
+# ------------------------------------------------------------------------------------------------ the teacher
+def _fake_teacher_step(calls):
+    def fake(module, args, runs, tag, dry, *a, **k):
+        calls.append(args)
+        out = Path(next(x.split("=", 1)[1] for x in args if x.startswith("output=")))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"weights-%d" % len(calls))
+        return runs / f"{tag}-x", {"fashion_mnist_teacher (MoCo v2)": {"1-NN": 85.0}}
+    return fake
+
+
+def test_teacher_is_built_once_recorded_by_hash_reused_and_a_changed_file_refused(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(rp, "_run_step", _fake_teacher_step(calls))
+    cfg = _preset(out_dir=str(tmp_path))
+    ckpt, res = rp.ensure_teacher(cfg, tmp_path)
+    manifest = json.loads((tmp_path / "teacher" / "full_teacher.json").read_text())
+    import hashlib
+
+    assert manifest["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest() and len(calls) == 1
+    assert manifest["command"].startswith("python -m compress_lit.pretrain pretrain_experiment=fashion_mnist_teacher")
+    assert rp.ensure_teacher(cfg, tmp_path)[1] == res and len(calls) == 1  # reused, not rebuilt
+    ckpt.write_bytes(b"someone else's weights")
+    with pytest.raises(rp.StepFailed, match=r"does not match the SHA-256 recorded in .*full_teacher.json"):
+        rp.ensure_teacher(cfg, tmp_path)
+    ckpt.unlink()  # missing: rebuilt
+    rp.ensure_teacher(cfg, tmp_path)
+    assert len(calls) == 2
+    # the calibration borrows the full preset's teacher and never builds one
+    cal = _preset("calibrate", out_dir=str(tmp_path))
+    assert rp.ensure_teacher(cal, tmp_path)[0] == ckpt and len(calls) == 2
+    with pytest.raises(rp.StepFailed, match="make reproduce-teacher first"):
+        rp.ensure_teacher(cal, tmp_path / "elsewhere")
+
+
+def test_teacher_part_builds_only_the_teacher(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(rp, "_run_step", _fake_teacher_step(calls))
+    assert "teacher" in rp.run_reproduce(_preset(out_dir=str(tmp_path), part="teacher"))
+    assert len(calls) == 1 and not list((tmp_path / "runs").iterdir())
+
+
+# ------------------------------------------------------------------------------------- steps and references
+def test_supervised_runs_evaluate_the_reference_rows():
+    cfg = _preset(part="main")
+    steps = rp.plan_steps(cfg, Path("t.ckpt"))
+    assert len(steps) == 2 * 11 * 3 and {s.seed for s in steps} == {0, 1, 2}
+    assert [s.run for s in steps if s.method in ("seed", "simreg", "disco")] == [False] * 18
+    sup = [s for s in steps if s.method == "supervised"]
+    assert [s.references for s in sup[:3]] == [("random", "teacher", "pixels"), ("random",), ("random",)]
+    assert {"eval.include_teacher=true", "eval.pixel_baseline=true", "eval.random_baseline=true"} <= set(sup[0].args)
+    other = next(s for s in steps if s.method == "compress_2q")
+    assert "eval.include_teacher=false" in other.args and "eval.pixel_baseline=true" not in other.args
+
+
+def test_table_takes_each_row_from_its_run_and_orders_references_first():
+    cfg = _preset(students="[alexnet_small]", methods="[moco_scratch,supervised,compress_2q]", family_methods="[]",
+                  seeds="[0,1]")
+    steps = rp.plan_steps(cfg, Path("t.ckpt"))
+
+    def res(st):
+        v = {"moco_scratch": 80.0, "supervised": 90.0, "compress_2q": 83.0}[st.method] + st.seed
+        out = {f"student ({st.method})": {m: v for m in rp.METRICS}}
+        if "random" in st.references:
+            out["student, random init"] = {m: 70.0 + st.seed for m in rp.METRICS}
+        if "teacher" in st.references:
+            out["teacher (fashion_mnist)"] = {m: 85.0 for m in rp.METRICS}
+        if "pixels" in st.references:
+            out["raw pixels"] = {m: 81.0 for m in rp.METRICS}
+        return out
+
+    table = rp.table_rows(cfg, steps, [res(s) for s in steps], None)["alexnet_small"]
+    assert list(table) == ["raw pixels", "random init", rp.TEACHER, "supervised", rp.SCRATCH, "CompReSS-2q"]
+    assert table["raw pixels"]["1-NN"] == [81.0, 0.0, 1] and table[rp.TEACHER]["1-NN"] == [85.0, 0.0, 1]
+    assert table["random init"]["1-NN"][:2] == [70.5, pytest.approx(math.sqrt(0.5))]
+    assert table["CompReSS-2q"]["1-NN"][0] == 83.5
+
+
+# ------------------------------------------------------------------------------------------- the claim check
+def _rows(**means):
+    return {k: {m: [v, 0.5, 3] for m in rp.METRICS} for k, v in means.items()}
+
+
+def test_gap_closed_and_ranking_by_hand():
+    rows = _rows(**{"raw pixels": 81.0, rp.TEACHER: 86.0, "supervised": 88.0, rp.SCRATCH: 82.0,
+                    "CompReSS-2q": 84.0, "CompReSS-1q": 85.0, "Regression": 83.0, "SEED": 85.5})
+    c = rp.claim_check(rows)
+    assert c["gap_points"] == 4.0
+    assert c["gap_closed"] == {"SEED": 0.875, "CompReSS-1q": 0.75, "CompReSS-2q": 0.5, "Regression": 0.25}
+    assert c["ranking"][0] == "SEED" and c["compress_rank"] == 2 and c["compress_first"] is False
+    text = "\n".join(rp.claim_lines("alexnet_small", c))
+    assert "| SEED | 88% | 1 |" in text and "CompReSS does not rank first: SEED leads" in text
+    rows["SEED"] = {m: [84.5, 0.1, 3] for m in rp.METRICS}
+    assert rp.claim_check(rows)["compress_first"] is True
+    assert rp.claim_check(_rows(**{rp.SCRATCH: 80.0})) is None
+
+
+def test_best_self_supervised_row_is_marked_and_references_never_are():
+    rows = _rows(**{"raw pixels": 99.0, rp.TEACHER: 98.0, "supervised": 97.0, rp.SCRATCH: 80.0,
+                    "CompReSS-1q": 85.0, "CRD": 84.0})
+    assert rp.best_rows(rows) == {m: {"CompReSS-1q"} for m in rp.METRICS}
+    md = rp.markdown_table({"alexnet_small": rows}, {"data": "d", "command": "c", "teacher": "t",
+                                                     "student_args": "s", "seeds": [0, 1, 2]})
+    assert "| CompReSS-1q | **85.00 ± 0.50** |" in md and "| raw pixels | 99.00 ± 0.50 |" in md
+    assert "CompReSS ranks first among the distillation methods" in md and "| CompReSS-1q | 28% | 1 |" in md and "| CRD | 22% | 2 |" in md  # 5/18, 4/18
+
+
+# ----------------------------------------------------------------------------------- parallel steps, calibration
+def test_parallel_steps_run_each_command_once_and_the_cache_builder_first(tmp_path, monkeypatch):
+    import threading
+
+    order, lock = [], threading.Lock()
+
+    def fake(module, args, runs, tag, dry, threads=None, log_file=False, run=True):
+        with lock:
+            order.append((tag, threads, log_file))
+        return runs / tag, {"student (x)": {"1-NN": 1.0}}
+
+    monkeypatch.setattr(rp, "_run_step", fake)
+    cfg = _preset(out_dir=str(tmp_path), jobs=2)
+    steps = [rp.Step("a", "compress_lit.train", ["method=supervised"], True, method="supervised"),
+             rp.Step("b", "compress_lit.train", ["method=compress_2q"], True, method="compress_2q"),
+             rp.Step("b-again", "compress_lit.train", ["method=compress_2q"], True, method="compress_2q"),
+             rp.Step("c", "compress_lit.train", ["method=crd"], True, method="crd")]
+    res = rp.execute(cfg, steps, tmp_path)
+    assert order[0][0] == "b" and order[0][1] is None  # the first cached method alone, all threads
+    assert sorted(t for t, _, _ in order) == ["a", "b", "c"]  # the duplicate ran once
+    assert all(th == max(1, (__import__("os").cpu_count() or 1) // 2) and lf for t, th, lf in order[1:])
+    assert res[2] is res[1]
+
+
+def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch):
+    cal = _preset("calibrate", out_dir=str(tmp_path))
+    monkeypatch.setattr(rp, "ensure_teacher", lambda cfg, out: (Path("t.ckpt"), None))
+    lr = {"optim.lr=0.02": 80.0, "optim.lr=0.1": 83.0}
+
+    def fake(module, args, runs, tag, dry, *a, **k):
+        v = 82.0
+        for a_ in args:
+            v = lr.get(a_, v)
+        if "method.temperature=0.02" in args:
+            v = 20.0  # a collapse
+        lin = 88.0 if "optim.epochs=20" in args else 87.0
+        return runs / tag, {"student (x)": {"1-NN": v, "20-NN": v, "cluster": 1.0, "linear": lin}}
+
+    monkeypatch.setattr(rp, "_run_step", fake)
+    groups = rp.run_calibration(cal, tmp_path, tmp_path)
+    chosen = {g: [c["label"] for c in cands if c["chosen"]] for g, cands in groups.items()}
+    assert chosen["learning rate (CompReSS-2q, T 0.04, m 0.99)"] == ["lr 0.1"]
+    assert chosen["CompReSS temperature (2q, lr 0.05)"] == ["T 0.04 (the paper's)"]
+    assert next(v for g, v in chosen.items() if g.startswith("supervised")) == ["20 epochs"]
+    md = (tmp_path / "calibration_fashion_mnist.md").read_text()
+    assert "| T 0.02 | `method.temperature=0.02` | 20.00 ± 0.00 |" in md and "the test split is never read" in md
+    bad = _preset("calibrate", out_dir=str(tmp_path), common_args="['data=fashion_mnist']")
+    from compress_lit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.holdout"):
+        rp.run_calibration(bad, tmp_path, tmp_path)
