@@ -272,3 +272,12 @@ def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch)
 
     with pytest.raises(ConfigError, match="data.holdout"):
         rp.run_calibration(bad, tmp_path, tmp_path)
+
+
+def test_method_args_reach_only_their_method():
+    cfg = _preset(**{"+method_args": "{compress_2q: ['method.temperature=0.07']}"})
+    _, two_q = rp.step_command(cfg, "alexnet_small", "compress_2q", 0, Path("t.ckpt"))
+    _, seed = rp.step_command(cfg, "alexnet_small", "seed", 0, Path("t.ckpt"))
+    assert "method.temperature=0.07" in two_q and "method.temperature=0.07" not in seed
+    _, plain = rp.step_command(_preset(), "alexnet_small", "compress_2q", 0, Path("t.ckpt"))
+    assert [a for a in two_q if a != "method.temperature=0.07"] == plain  # nothing else changes (same run hashes)

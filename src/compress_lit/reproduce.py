@@ -86,6 +86,8 @@ class ReproduceConfig:
     common_args: list[str] = field(default_factory=list)  # every student run (data, epochs, eval)
     scratch_args: list[str] = field(default_factory=list)  # MoCo-from-scratch runs only
     train_args: list[str] = field(default_factory=list)  # distillation / supervised runs only
+    # per method: overrides of that method's runs only (a calibrated temperature must not reach SEED's teacher)
+    method_args: dict[str, list[str]] = field(default_factory=dict)
     # methods that run the teacher at every step read it from the K-view feature cache instead (teachers/cache.py):
     # the cache is built once (by the first such run, alone) and shared by every student, seed and method
     cached_methods: list[str] = field(default_factory=list)
@@ -292,9 +294,10 @@ def step_command(cfg: DictConfig, student: str, method: str, seed: int, teacher_
     student), ``teacher`` and ``pixels`` (raw pixels); the table takes them from the supervised runs."""
     if method == "moco_scratch":  # MoCo v2 from scratch on the student: the pretraining entry point
         return "compress_lit.pretrain", [f"student={student}", f"seed={seed}", *cfg.common_args, *cfg.scratch_args,
-                                         *extra]
+                                         *cfg.method_args.get(method, []), *extra]
     args = [*cfg.teacher_overrides, f"teacher.checkpoint={teacher_ckpt}", "teacher.pretrain_if_missing=false",
             f"student={student}", f"method={method}", f"seed={seed}", *cfg.common_args, *cfg.train_args,
+            *cfg.method_args.get(method, []),
             f"eval.include_teacher={str('teacher' in references).lower()}",
             f"eval.random_baseline={str('random' in references).lower()}"]
     if "pixels" in references:
