@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install demo check-demo test bench reproduce reproduce-teacher reproduce-calibrate reproduce-family \
-	reproduce-ablation reproduce-quick clean
+	reproduce-table reproduce-ablation reproduce-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ reproduce: install
 
 reproduce-family: install
 	$(PY) -m compress_lit.reproduce part=family
+
+# the table from the runs finished so far, running nothing (an interrupted reproduction's progress)
+reproduce-table: install
+	$(PY) -m compress_lit.reproduce part=table
 
 reproduce-ablation: install
 	$(PY) -m compress_lit.reproduce part=main ablation.enabled=true

@@ -281,3 +281,22 @@ def test_method_args_reach_only_their_method():
     assert "method.temperature=0.07" in two_q and "method.temperature=0.07" not in seed
     _, plain = rp.step_command(_preset(), "alexnet_small", "compress_2q", 0, Path("t.ckpt"))
     assert [a for a in two_q if a != "method.temperature=0.07"] == plain  # nothing else changes (same run hashes)
+
+
+def test_table_part_runs_nothing_and_says_the_table_is_partial(tmp_path, monkeypatch):
+    monkeypatch.setattr(rp, "ensure_teacher", lambda cfg, out: (Path("t.ckpt"), {"t": {"1-NN": 86.0}}))
+    ran = []
+
+    def fake(module, args, runs, tag, dry, threads=None, log_file=False, run=True):
+        ran.append(run)
+        if "method=supervised" in args and "seed=0" in args:
+            return runs / tag, {"student (supervised)": {m: 90.0 for m in rp.METRICS}}
+        return runs / tag, None
+
+    monkeypatch.setattr(rp, "_run_step", fake)
+    cfg = _preset(out_dir=str(tmp_path), part="table", students="[alexnet_small]")
+    table = rp.run_reproduce(cfg)["alexnet_small"]
+    assert ran and not any(ran)  # every step only read
+    assert table["supervised"]["1-NN"] == [90.0, 0.0, 1]
+    md = (tmp_path / "table1_fashion_mnist.md").read_text()
+    assert "**Partial table**: 1 of 33 student runs have finished" in md

@@ -77,7 +77,8 @@ class ReproduceConfig:
     # the later family (SEED, SimReg, DisCo): rows of the same table, run by `part=family` (`make reproduce-family`)
     family_methods: list[str] = field(default_factory=list)
     # main: the teacher and `methods`; family: `family_methods` (the main rows are read from their finished runs,
-    # never run); all: both; teacher: only build (or check) the teacher (`make reproduce-teacher`)
+    # never run); all: both; teacher: only build (or check) the teacher (`make reproduce-teacher`); table: run
+    # nothing, write the table from the runs finished so far (an interrupted reproduction's progress)
     part: str = "all"
     # which preset's teacher to use (default: this preset's own, results/teacher/<name>_teacher.ckpt)
     teacher_name: Optional[str] = None
@@ -360,7 +361,7 @@ def run_ablation(cfg: DictConfig, runs: Path, teacher_ckpt: Path, out: Path) -> 
     return table
 
 
-PARTS = ("all", "main", "family", "teacher")
+PARTS = ("all", "main", "family", "teacher", "table")
 
 
 def _sha256(path: Path) -> str:
@@ -547,6 +548,11 @@ def run_reproduce(cfg: DictConfig) -> dict:
     meta = {"data": cfg.data_name, "command": f"python -m compress_lit.reproduce reproduce_preset={cfg.name}",
             "teacher": " ".join(cfg.teacher_args) + (f" (SHA-256 {sha[:12]}...)" if sha else ""),
             "student_args": " ".join(cfg.common_args), "seeds": list(cfg.seeds)}
+    missing = sum(r is None for r in results)
+    if missing:
+        meta["notes"] = (f"**Partial table**: {len(results) - missing} of {len(results)} student runs have finished; "
+                         f"a row with fewer runs than seeds is incomplete, a missing row has not run yet. The same "
+                         f"command continues where it stopped.")
     claims = {s: claim_check(rows) for s, rows in table.items()}
     stem = out / f"table1_{cfg.data_name}" if cfg.name == "full" else out / f"table1_{cfg.data_name}_{cfg.name}"
     Path(f"{stem}.md").write_text(markdown_table(table, meta) + "\n")
