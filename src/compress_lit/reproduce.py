@@ -513,8 +513,8 @@ def table_rows(cfg: DictConfig, steps: list[Step], results: list[dict | None], t
                 row = _pick(res, prefix) if ref in st.references else None
                 if row is not None:
                     rows[name].append(row)
-        if not rows[TEACHER] and teacher_res:  # no reference run finished: the teacher's own evaluation
-            rows[TEACHER] = [_row(teacher_res)]
+        # no fallback to the teacher's own end-of-pretraining evaluation: it used another bank (all its training
+        # images), so the row would not be comparable; a partial table shows no teacher row until it is measured
         order = ["raw pixels", "random init", TEACHER, "supervised", SCRATCH]
         ordered = {k: rows[k] for k in order if rows.get(k)}
         ordered.update({k: v for k, v in rows.items() if k not in ordered and v})
