@@ -185,7 +185,7 @@ def test_table_takes_each_row_from_its_run_and_orders_references_first():
             out["raw pixels"] = {m: 81.0 for m in rp.METRICS}
         return out
 
-    table = rp.table_rows(cfg, steps, [res(s) for s in steps], None)["alexnet_small"]
+    table = rp.table_rows(cfg, steps, [res(s) for s in steps])["alexnet_small"]
     assert list(table) == ["raw pixels", "random init", rp.TEACHER, "supervised", rp.SCRATCH, "CompReSS-2q"]
     assert table["raw pixels"]["1-NN"] == [81.0, 0.0, 1] and table[rp.TEACHER]["1-NN"] == [85.0, 0.0, 1]
     assert table["random init"]["1-NN"][:2] == [70.5, pytest.approx(math.sqrt(0.5))]

@@ -27,7 +27,7 @@ from typing import Optional
 import hydra
 import numpy as np
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
 from .startup import USER_ERRORS, check_mandatory, run_entry
 from .train import CONF_DIR
@@ -157,11 +157,8 @@ def _run_step(module: str, args: list[str], runs: Path, tag: str, dry: bool, thr
     return run_dir, json.loads(done.read_text())
 
 
-def _row(res: dict, key: Optional[str] = None) -> dict[str, float]:
-    """The row ``key`` of a run's results (``None``: the trained model, i.e. the first ``student ...`` row, else
-    the first row)."""
-    if key is not None:
-        return res[key]
+def _row(res: dict) -> dict[str, float]:
+    """The trained model's row of a run's results: the first ``student ...`` row, else the first row."""
     return next((v for k, v in res.items() if k.startswith("student (")), next(iter(res.values())))
 
 
@@ -496,8 +493,7 @@ def execute(cfg: DictConfig, steps: list[Step], runs: Path) -> list[dict | None]
     return results
 
 
-def table_rows(cfg: DictConfig, steps: list[Step], results: list[dict | None], teacher_res: dict | None
-               ) -> dict[str, dict]:
+def table_rows(cfg: DictConfig, steps: list[Step], results: list[dict | None]) -> dict[str, dict]:
     """Per student: the reference rows (raw pixels, random init, teacher, supervised) then every method."""
     table: dict[str, dict] = {}
     for student in cfg.students:
@@ -513,8 +509,8 @@ def table_rows(cfg: DictConfig, steps: list[Step], results: list[dict | None], t
                 row = _pick(res, prefix) if ref in st.references else None
                 if row is not None:
                     rows[name].append(row)
-        # no fallback to the teacher's own end-of-pretraining evaluation: it used another bank (all its training
-        # images), so the row would not be comparable; a partial table shows no teacher row until it is measured
+        # the teacher row comes only from a reference run: the teacher's own end-of-pretraining evaluation used
+        # another bank (all its training images) and would not be comparable
         order = ["raw pixels", "random init", TEACHER, "supervised", SCRATCH]
         ordered = {k: rows[k] for k in order if rows.get(k)}
         ordered.update({k: v for k, v in rows.items() if k not in ordered and v})
@@ -542,7 +538,7 @@ def run_reproduce(cfg: DictConfig) -> dict:
         if cfg.ablation.enabled:
             run_ablation(cfg, runs, teacher_ckpt, out)
         return {}
-    table = table_rows(cfg, steps, results, t_res)
+    table = table_rows(cfg, steps, results)
     _, manifest = teacher_files(cfg, out)
     sha = json.loads(manifest.read_text()).get("sha256", "") if manifest.exists() else ""
     meta = {"data": cfg.data_name, "command": f"python -m compress_lit.reproduce reproduce_preset={cfg.name}",
