@@ -117,6 +117,8 @@ def test_raw_pixel_row_equals_an_independent_cosine_1nn():
 # ------------------------------------------------------------------------------------------------ the teacher
 def _fake_teacher_step(calls):
     def fake(module, args, runs, tag, dry, *a, **k):
+        if module == "compress_lit.evaluate":  # the teacher check (tested on its own below)
+            return runs / tag, None
         calls.append(args)
         out = Path(next(x.split("=", 1)[1] for x in args if x.startswith("output=")))
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +156,94 @@ def test_teacher_part_builds_only_the_teacher(tmp_path, monkeypatch):
     monkeypatch.setattr(rp, "_run_step", _fake_teacher_step(calls))
     assert "teacher" in rp.run_reproduce(_preset(out_dir=str(tmp_path), part="teacher"))
     assert len(calls) == 1 and not list((tmp_path / "runs").iterdir())
+
+
+# -------------------------------------------------------------------------------------- the teacher's bars
+def test_pixels_format_of_evaluate_equals_an_independent_numpy_evaluation(tmp_path):
+    """``compress_lit.evaluate model_format=pixels``: its features are the normalised images themselves and its
+    1-NN is numpy's cosine 1-NN on them."""
+    from hydra import compose, initialize_config_dir
+
+    from compress_lit.evaluate import CONF_DIR, run_evaluate
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=["model_format=pixels", "data=digits", "eval=[knn]",
+                                                         "progress=false", "cache=false"])
+    res = run_evaluate(cfg, tmp_path)
+    from compress_lit.evaluation.loading import resolve_data_config
+
+    dm = build_datamodule(resolve_data_config(None, cfg.data))  # the digits preset's images (16 px)
+    dm.setup("fit")
+    f = np.load(tmp_path / "features.npz")
+    tr = np.stack([x[0].flatten().numpy() for x, _, _ in dm.train_eval_dataloader().dataset])
+    te = np.stack([x[0].flatten().numpy() for x, _, _ in dm.val_dataloader().dataset])
+    ty = np.array([int(y) for _, y, _ in dm.train_eval_dataloader().dataset])
+    tey = np.array([int(y) for _, y, _ in dm.val_dataloader().dataset])
+    np.testing.assert_allclose(f["train_x"], tr, atol=1e-6)
+    np.testing.assert_allclose(f["test_x"], te, atol=1e-6)
+    trn, ten = tr / np.linalg.norm(tr, axis=1, keepdims=True), te / np.linalg.norm(te, axis=1, keepdims=True)
+    want = 100.0 * np.mean(ty[(ten @ trn.T).argmax(1)] == tey)
+    assert res["knn"]["top1_k1"] == pytest.approx(want, abs=1e-6) and res["layer"] == "image"
+    from compress_lit.config import ConfigError
+    from compress_lit.evaluate import _check
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        bad = compose(config_name="evaluate", overrides=["model_format=pixels", "data=digits", "layer=conv1"])
+    with pytest.raises(ConfigError, match=r"^layer=conv1 is meaningless with model_format=pixels"):
+        _check(bad)
+
+
+def test_teacher_bars_by_hand_on_both_probes():
+    from compress_lit.teacher_check import bars_lines, evaluate_row, teacher_bars
+
+    row = evaluate_row({"knn": {"top1_k1": 86.0, "top5_k1": 99.0, "top1_k20": 85.0},
+                        "cluster": {"acc_mean": 60.0, "acc_std": 2.0}, "linear": {"top1": 89.5}})
+    assert row == {"1-NN": 86.0, "20-NN": 85.0, "cluster": 60.0, "cluster_std": 2.0, "linear": 89.5}
+    check = {"args": ["data=x"], "num_train": 60000, "num_val": 10000, "teacher": row,
+             "raw pixels": {"1-NN": 85.5, "linear": 84.5}}
+    bars = OmegaConf.structured(rp.TeacherBars())
+    table = {"alexnet_small": _rows(**{"raw pixels": 82.0, rp.TEACHER: 82.5, rp.SCRATCH: 70.0}),
+             "resnet18_small": _rows(**{"raw pixels": 82.0, rp.TEACHER: 82.5, rp.SCRATCH: 80.0})}
+    table["alexnet_small"]["raw pixels"]["linear"] = [84.0, 0.0, 1]
+    table["alexnet_small"][rp.TEACHER]["linear"] = [87.0, 0.0, 1]
+    got = teacher_bars(check, table, bars, rp.TEACHER, rp.SCRATCH)
+    assert [(b["need"], b["check"], b["check_ok"], b["table"], b["table_ok"]) for b in got] == [
+        (4.0, 5.0, True, 3.0, False),  # linear: 89.5 - 84.5 on the check; 87 - 84 on the table
+        (-1.0, 0.5, True, 0.5, True),  # 1-NN: 86 - 85.5; 82.5 - 82
+        (3.0, None, None, 12.5, True),  # AlexNet: 82.5 - 70
+        (3.0, None, None, 2.5, False)]  # ResNet-18: 82.5 - 80
+    md = "\n".join(bars_lines(check, got, "10,000-image bank"))
+    assert "| linear: teacher - raw pixels | ≥ +4.0 | +5.00 (cleared) | +3.00 (missed) |" in md
+    assert "| 1-NN: teacher - MoCo from scratch (resnet18_small) | ≥ +3.0 | – | +2.50 (missed) |" in md
+    assert "all 60000 train images as bank and probe set" in md and "| raw pixels | 85.50 | – | – | 84.50 |" in md
+
+
+def test_teacher_check_runs_teacher_and_pixels_per_teacher_hash_and_reaches_the_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(rp, "ensure_teacher", lambda cfg, out: (Path("t.ckpt"), None))
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "full_teacher.json").write_text(json.dumps({"sha256": "ab" * 32}))
+    seen = []
+
+    def fake(module, args, runs, tag, dry, threads=None, log_file=False, run=True):
+        if module == "compress_lit.evaluate":
+            seen.append((runs, tag, args, run))
+            top = 88.0 if "checkpoint=t.ckpt" in args else 83.0
+            return runs / tag, {"num_train": 60000, "num_val": 10000, "knn": {"top1_k1": top, "top1_k20": top},
+                                "linear": {"top1": top}}
+        return runs / tag, None
+
+    monkeypatch.setattr(rp, "_run_step", fake)
+    cfg = _preset(out_dir=str(tmp_path), part="table", students="[alexnet_small]")
+    rp.run_reproduce(cfg)
+    assert [(r.name, t, a[0], run) for r, t, a, run in seen] == [
+        ("check-" + "ab" * 6, "check-teacher", "checkpoint=t.ckpt", False),
+        ("check-" + "ab" * 6, "check-raw_pixels", "model_format=pixels", False)]
+    assert all(a[1:] == list(cfg.teacher_check.args) for _, _, a, _ in seen)
+    assert "data.train_subset=10000" not in cfg.teacher_check.args  # the whole train split
+    out = json.loads((tmp_path / "table1_fashion_mnist.json").read_text())
+    assert out["teacher_check"]["teacher"]["linear"] == 88.0
+    assert out["teacher_bars"][0]["check"] == 5.0 and out["teacher_bars"][0]["check_ok"] is True
+    assert "## The teacher's bars" in (tmp_path / "table1_fashion_mnist.md").read_text()
 
 
 # ------------------------------------------------------------------------------------- steps and references

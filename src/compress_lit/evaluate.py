@@ -5,6 +5,8 @@ distillation (or MoCo pretraining) checkpoint of this project records its studen
 data, so ``checkpoint=`` alone suffices; a teacher file needs ``model_format=<moco|swav|simclr_tf|
 simclr_converted|torchvision|compress_lit|dino|dinov2|mocov3|barlowtwins|vicreg|random> model.arch=...
 [model.small_input=true model.embedding=... model.vit.* ...] data=<preset>``.
+``model_format=pixels data=<preset>`` (no checkpoint) scores the flattened normalised image itself: the floor
+a learned embedding should beat (raw pixels are strong on small grey data sets such as Fashion-MNIST).
 ``layer=`` picks another layer (AlexNet conv1..fc7, ResNet stem/layer1..4/pool; spatial maps are average-pooled:
 globally for k-NN and clustering, to about ``linear.pooled_dim`` numbers for the linear probe). ``ten_crop=true``
 scores the held-out images by 10-crop (k-NN and clustering on the mean of the crops' normalised features, the
@@ -46,13 +48,19 @@ from .startup import check_accelerator, check_device, check_file, check_mandator
 log = logging.getLogger("compress_lit.evaluate")
 CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
 register_eval_configs()
+# "pixels": no model, the flattened normalised image itself (the floor every learned embedding should beat)
+EVAL_FORMATS = (*MODEL_FORMATS, "pixels")
 
 
 def _check(cfg: DictConfig) -> None:
     """Start-up checks (before the model or any data is loaded): ConfigErrors naming the key."""
+    if cfg.get("model_format") == "pixels" and OmegaConf.is_missing(cfg, "checkpoint"):
+        cfg.checkpoint = ""  # the raw pixels read no file
     check_mandatory(cfg)
-    if cfg.model_format not in MODEL_FORMATS:
-        raise ConfigError(f"model_format={cfg.model_format!r} is invalid: choose one of {list(MODEL_FORMATS)}")
+    if cfg.model_format not in EVAL_FORMATS:
+        raise ConfigError(f"model_format={cfg.model_format!r} is invalid: choose one of {list(EVAL_FORMATS)}")
+    if cfg.model_format == "pixels" and cfg.layer:
+        raise ConfigError(f"layer={cfg.layer} is meaningless with model_format=pixels (the image has no layers)")
     bad = [e for e in cfg.eval if e not in EVALUATIONS]
     if bad:
         raise ConfigError(f"eval={list(cfg.eval)} has unknown entries {bad}: choose from {list(EVALUATIONS)}")
@@ -70,7 +78,7 @@ def _check(cfg: DictConfig) -> None:
 
 def check_model_inputs(cfg: DictConfig) -> None:
     """``checkpoint=`` names an existing file (``model_format=random`` needs none) and ``device=`` exists here."""
-    if cfg.model_format != "random" or cfg.checkpoint:
+    if cfg.model_format not in ("random", "pixels") or cfg.checkpoint:
         check_file("checkpoint", cfg.checkpoint, "checkpoint file")
     check_device(cfg.device)
 
@@ -100,6 +108,19 @@ def extract_split_features(loaded, dm, data_cfg, layer, device, cache, progress,
         out.extend(extract_features(loaded.model, loader, device, progress, layer=layer, cache=cache, cache_key=key,
                                     desc=f"{split} features"))
     return out
+
+
+def load_pixels(data_overrides):
+    """``model_format=pixels``: the raw-pixel "model" (evaluation/pixels.py) and its data config, which only
+    ``data=`` gives (there is no checkpoint to record one). Grey tensor data sets keep one channel."""
+    from .data.transforms import TENSOR_DATASETS
+    from .evaluation.loading import LoadedModel, resolve_data_config
+    from .evaluation.pixels import RawPixels
+
+    data_cfg = resolve_data_config(None, data_overrides)
+    model = RawPixels(grey=data_cfg.name in TENSOR_DATASETS)
+    return LoadedModel(model=model, arch="pixels", identity="pixels", name="raw pixels",
+                       embedding="image"), data_cfg
 
 
 def results_markdown(results: dict[str, Any], header: str = "") -> str:
@@ -146,12 +167,15 @@ def run_evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
-    loaded = load_model(cfg.checkpoint, cfg.model_format, cfg.model)
-    data_cfg = resolve_data_config(loaded.data, cfg.data)
+    if cfg.model_format == "pixels":
+        loaded, data_cfg = load_pixels(cfg.data)
+    else:
+        loaded = load_model(cfg.checkpoint, cfg.model_format, cfg.model)
+        data_cfg = resolve_data_config(loaded.data, cfg.data)
     device = resolve_device(cfg.device)
     loaded.model.to(device)
     layer = cfg.layer or None
-    cache = FeatureCache(cfg.cache_dir) if (cfg.cache and cfg.model_format != "random") else None
+    cache = FeatureCache(cfg.cache_dir) if (cfg.cache and cfg.model_format not in ("random", "pixels")) else None
     results: dict[str, Any] = {"checkpoint": str(cfg.checkpoint), "model_format": cfg.model_format,
                                "arch": loaded.arch, "layer": loaded.layer_name(layer), "data": data_cfg.name}
     if any(e in cfg.eval for e in ("knn", "cluster", "linear")):

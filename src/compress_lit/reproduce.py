@@ -30,6 +30,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from .startup import USER_ERRORS, check_mandatory, run_entry
+from .teacher_check import bars_lines, run_teacher_check, teacher_bars
 from .train import CONF_DIR
 
 METRICS = ("1-NN", "20-NN", "cluster", "linear")
@@ -52,6 +53,25 @@ class AblationConfig:
     queue_size: int = 4096
     temperatures: list[float] = field(default_factory=lambda: [0.02, 0.04, 0.07, 0.1])
     queue_sizes: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
+
+
+@dataclass
+class TeacherBars:
+    """What a teacher worth compressing must show (points of top-1): a linear-probe lead over raw pixels, a 1-NN no
+    further below raw pixels than ``knn_below_pixels``, and a 1-NN lead over MoCo from scratch on each student."""
+    linear_over_pixels: float = 4.0
+    knn_below_pixels: float = 1.0
+    knn_over_scratch: float = 3.0
+
+
+@dataclass
+class TeacherCheckConfig:
+    """``enabled``: the teacher and the raw pixels are scored side by side by ``compress_lit.evaluate`` with
+    ``args`` (by default on the whole train split: the protocol the teacher was built and judged on), and the
+    table states each bar on that probe and on the table's own protocol."""
+    enabled: bool = False
+    args: list[str] = field(default_factory=list)  # compress_lit.evaluate overrides shared by both runs
+    bars: TeacherBars = field(default_factory=TeacherBars)
 
 
 @dataclass
@@ -97,6 +117,7 @@ class ReproduceConfig:
     # two-thread run for these small networks)
     jobs: int = 1
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    teacher_check: TeacherCheckConfig = field(default_factory=TeacherCheckConfig)
     candidates: list[CandidateConfig] = field(default_factory=list)  # non-empty: a calibration (validation split)
     dry_run: bool = False  # print the commands only
 
@@ -271,7 +292,11 @@ def bar_chart(table: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(table), figsize=(6 * len(table), 4), squeeze=False)
     for ax, (student, rows) in zip(axes[0], table.items()):
-        labels = list(rows)
+        labels = [k for k in rows if "1-NN" in rows[k]]
+        ax.set_title(student)
+        if not labels:  # no run of this student has finished yet
+            ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
+            continue
         means = [rows[k]["1-NN"][0] for k in labels]
         stds = [rows[k]["1-NN"][1] for k in labels]
         ax.bar(range(len(labels)), means, yerr=stds, color="tab:blue", capsize=3)
@@ -279,7 +304,6 @@ def bar_chart(table: dict, path: Path) -> None:
         lo = min(means) - 3
         ax.set_ylim(max(0, lo), min(100, max(means) + 2))
         ax.set_ylabel("1-NN top-1 (%)")
-        ax.set_title(student)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -418,6 +442,23 @@ def ensure_teacher(cfg: DictConfig, out: Path) -> tuple[Path, dict | None]:
     return ckpt, res
 
 
+def teacher_check(cfg: DictConfig, out: Path, teacher_ckpt: Path) -> Optional[dict]:
+    """The teacher and the raw pixels scored side by side (teacher_check.py); ``None`` when the preset does not ask
+    for it. ``part=table`` only reads finished check runs."""
+    if not cfg.teacher_check.enabled:
+        return None
+    _, manifest = teacher_files(cfg, out)
+    sha = json.loads(manifest.read_text()).get("sha256", "") if manifest.exists() else ""
+    return run_teacher_check(list(cfg.teacher_check.args), teacher_ckpt, sha or "unbuilt", out, _run_step,
+                             dry=cfg.dry_run, run=cfg.part != "table")
+
+
+def table_probe(cfg: DictConfig) -> str:
+    """The table's k-NN bank / probe set in words, from ``common_args``."""
+    n = next((a.split("=", 1)[1] for a in cfg.common_args if a.startswith("data.train_subset=")), None)
+    return f"{int(n):,}-image bank and probe set" if n and n != "null" else "the whole train split"
+
+
 @dataclass
 class Step:
     tag: str
@@ -530,8 +571,12 @@ def run_reproduce(cfg: DictConfig) -> dict:
     if cfg.candidates:
         return run_calibration(cfg, runs, out)
     teacher_ckpt, t_res = ensure_teacher(cfg, out)  # every part: reused when its hash matches, else built
+    check = teacher_check(cfg, out, teacher_ckpt)
     if cfg.part == "teacher":
-        return {"teacher": t_res}
+        if check is not None:
+            bars = teacher_bars(check, {}, cfg.teacher_check.bars, TEACHER, SCRATCH)
+            print("\n".join(bars_lines(check, bars, table_probe(cfg))), flush=True)
+        return {"teacher": t_res, "teacher_check": check}
     steps = plan_steps(cfg, teacher_ckpt)
     results = execute(cfg, steps, runs)
     if cfg.dry_run:
@@ -550,9 +595,14 @@ def run_reproduce(cfg: DictConfig) -> dict:
                          f"a row with fewer runs than seeds is incomplete, a missing row has not run yet. The same "
                          f"command continues where it stopped.")
     claims = {s: claim_check(rows) for s, rows in table.items()}
+    bars = teacher_bars(check, table, cfg.teacher_check.bars, TEACHER, SCRATCH) if cfg.teacher_check.enabled else []
     stem = out / f"table1_{cfg.data_name}" if cfg.name == "full" else out / f"table1_{cfg.data_name}_{cfg.name}"
-    Path(f"{stem}.md").write_text(markdown_table(table, meta) + "\n")
-    Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "table": table, "claim": claims}, indent=2))
+    md = markdown_table(table, meta)
+    if bars:
+        md += "\n" + "\n".join(bars_lines(check, bars, table_probe(cfg))) + "\n"
+    Path(f"{stem}.md").write_text(md + "\n")
+    Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "table": table, "claim": claims,
+                                                "teacher_check": check, "teacher_bars": bars}, indent=2))
     bar_chart(table, Path(f"{stem}.png"))
     print(Path(f"{stem}.md").read_text(), flush=True)
     if cfg.ablation.enabled:

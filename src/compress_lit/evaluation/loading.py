@@ -33,9 +33,10 @@ class LoadedModel:
     identity: str  # what the feature cache keys on
     data: Optional[dict] = None  # the training data config stored in the checkpoint
     name: str = "model"
+    embedding: Optional[str] = None  # the embedding layer's name when the architecture's default does not apply
 
     def layer_name(self, layer: Optional[str]) -> str:
-        return layer or embedding_layer(self.arch)
+        return layer or self.embedding or embedding_layer(self.arch)
 
 
 def _plain(x: Any) -> Any:
