@@ -299,6 +299,9 @@ def test_gap_closed_and_ranking_by_hand():
     rows["SEED"] = {m: [84.5, 0.1, 3] for m in rp.METRICS}
     assert rp.claim_check(rows)["compress_first"] is True
     assert rp.claim_check(_rows(**{rp.SCRATCH: 80.0})) is None
+    early = rp.claim_check(_rows(**{rp.TEACHER: 86.0, rp.SCRATCH: 82.0, "Regression": 83.0}))  # a partial table
+    assert early["compress_rank"] is None and early["compress_first"] is False
+    assert rp.claim_lines("s", early)[-1] == "No CompReSS row yet: the claim cannot be checked."
 
 
 def test_best_self_supervised_row_is_marked_and_references_never_are():

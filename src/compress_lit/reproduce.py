@@ -248,9 +248,13 @@ def claim_lines(student: str, c: Optional[dict]) -> list[str]:
     for i, k in enumerate(c["ranking"]):
         share = c["gap_closed"][k]
         lines.append(f"| {k} | {f'{100 * share:.0f}%' if math.isfinite(share) else '–'} | {i + 1} |")
-    verdict = ("CompReSS ranks first among the distillation methods, as the paper claims." if c["compress_first"]
-               else f"CompReSS does not rank first: {c['ranking'][0]} leads; CompReSS's better variant is "
-                    f"#{c['compress_rank']} of {len(c['ranking'])}.")
+    if c["compress_rank"] is None:
+        verdict = "No CompReSS row yet: the claim cannot be checked."
+    elif c["compress_first"]:
+        verdict = "CompReSS ranks first among the distillation methods, as the paper claims."
+    else:
+        verdict = (f"CompReSS does not rank first: {c['ranking'][0]} leads; CompReSS's better variant is "
+                   f"#{c['compress_rank']} of {len(c['ranking'])}.")
     return lines + ["", verdict]
 
 
