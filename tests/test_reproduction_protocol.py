@@ -393,3 +393,76 @@ def test_table_part_runs_nothing_and_says_the_table_is_partial(tmp_path, monkeyp
     assert table["supervised"]["1-NN"] == [90.0, 0.0, 1]
     md = (tmp_path / "table1_fashion_mnist.md").read_text()
     assert "**Partial table**: 1 of 33 student runs have finished" in md
+
+
+# ------------------------------------------------------------------------- the supervised reference's classifier
+def _supervised_checkpoint(path, train_head: bool):
+    """A method=supervised checkpoint in this project's layout (student.*, [train_head.*,] classifier.*, the
+    run's config under hyper_parameters) with a random student and seeded random heads."""
+    from hydra import compose, initialize_config_dir
+
+    from compress_lit.models import build_from_config
+    from compress_lit.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["data=digits", "method=supervised"])
+    config = OmegaConf.to_container(cfg, resolve=True)
+    torch.manual_seed(0)
+    student = build_from_config(config["student"]).eval()
+    dim = student.embed_dim
+    state = {f"student.{k}": v for k, v in student.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    if train_head:
+        state["train_head.weight"], state["train_head.bias"] = torch.randn(16, dim, generator=g), torch.zeros(16)
+        dim = 16
+    state["classifier.weight"], state["classifier.bias"] = torch.randn(10, dim, generator=g), torch.randn(10, generator=g)
+    torch.save({"state_dict": state, "hyper_parameters": {"config": config}}, path)
+    return student, state, config
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_supervised_classifier_accuracy_equals_a_direct_forward(tmp_path, train_head):
+    from compress_lit.evaluation.classifier import classifier_accuracy
+    from compress_lit.evaluation.loading import resolve_data_config
+
+    student, state, config = _supervised_checkpoint(tmp_path / "last.ckpt", train_head)
+    got = classifier_accuracy(tmp_path / "last.ckpt")
+    dm = build_datamodule(resolve_data_config(config["data"], None))
+    dm.setup("fit")
+    xs = torch.stack([x for x, _, _ in dm.val_dataloader().dataset])
+    ys = np.array([int(y) for _, y, _ in dm.val_dataloader().dataset])
+    with torch.no_grad():
+        e = student(xs).double()
+        if train_head:
+            e = e @ state["train_head.weight"].double().T + state["train_head.bias"].double()
+        logits = e @ state["classifier.weight"].double().T + state["classifier.bias"].double()
+    want = 100.0 * np.mean(logits.argmax(1).numpy() == ys)
+    assert got["num_val"] == len(ys) and got["top1"] == pytest.approx(want, abs=1e-9)
+    torch.save({"state_dict": {k: v for k, v in state.items() if k.startswith("student.")},
+                "hyper_parameters": {"config": config}}, tmp_path / "no_head.ckpt")
+    from compress_lit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not a method=supervised run"):
+        classifier_accuracy(tmp_path / "no_head.ckpt")
+
+
+def test_supervised_rows_get_their_classifier_accuracy_once_per_run(tmp_path, monkeypatch):
+    import compress_lit.evaluation.classifier as clf
+
+    cfg = _preset(students="[alexnet_small]", methods="[supervised]", family_methods="[]", seeds="[0,1]")
+    steps = rp.plan_steps(cfg, Path("t.ckpt"))
+    for st in steps:
+        d = tmp_path / f"{st.tag}-{rp._hash([st.module, *st.args])}"
+        (d / "checkpoints").mkdir(parents=True)
+        (d / "checkpoints" / "last.ckpt").write_bytes(b"x")
+        (d / "results.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(clf, "classifier_accuracy", lambda p: calls.append(p) or {"top1": 88.0 + len(calls)})
+    results = [{"student (supervised)": {m: 90.0 for m in rp.METRICS}} for _ in steps]
+    table = rp.table_rows(cfg, steps, results)
+    rp.add_classifier_accuracy(table, steps, results, tmp_path)
+    assert table["alexnet_small"]["supervised"]["classifier"] == [89.5, pytest.approx(math.sqrt(0.5)), 2]
+    rp.add_classifier_accuracy(table, steps, results, tmp_path)
+    assert len(calls) == 2  # kept in <run>/classifier.json, not recomputed
+    md = rp.markdown_table(table, {"data": "d", "command": "c", "teacher": "t", "student_args": "s", "seeds": [0, 1]})
+    assert "its own classifier on the test split: top-1 89.50 ± 0.71 (2 runs)" in md

@@ -277,6 +277,10 @@ def markdown_table(table: dict[str, dict[str, dict]], meta: dict) -> str:
             n = max((r[m][2] for m in METRICS if m in r), default=0)
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {n} |")
         lines.append("")
+        clf = rows.get("supervised", {}).get("classifier")
+        if clf:
+            lines += [f"Supervised reference, its own classifier on the test split: top-1 {clf[0]:.2f} ± {clf[1]:.2f} "
+                      f"({clf[2]} runs).", ""]
         if best:
             lines += ["Bold: the best self-supervised student in the column (raw pixels, random init, teacher and "
                       "supervised are references).", ""]
@@ -563,6 +567,29 @@ def table_rows(cfg: DictConfig, steps: list[Step], results: list[dict | None]) -
     return table
 
 
+def add_classifier_accuracy(table: dict, steps: list[Step], results: list[dict | None], runs: Path) -> None:
+    """The supervised rows' own classifier on the test split (evaluation/classifier.py), from each finished run's
+    last checkpoint, kept in ``<run>/classifier.json``; added to the row as ``classifier`` (mean, std, runs)."""
+    from .evaluation.classifier import classifier_accuracy
+
+    per: dict[str, list[float]] = {}
+    for st, res in zip(steps, results):
+        if st.method != "supervised" or res is None:
+            continue
+        run_dir = _find_done(runs, st.tag, _hash([st.module, *st.args])).parent
+        kept, ckpt = run_dir / "classifier.json", run_dir / "checkpoints" / "last.ckpt"
+        if not kept.exists():
+            if not ckpt.exists():
+                continue
+            kept.write_text(json.dumps(classifier_accuracy(ckpt)))
+        per.setdefault(st.student, []).append(json.loads(kept.read_text())["top1"])
+    for student, vals in per.items():
+        if "supervised" in table.get(student, {}):
+            v = np.array(vals, dtype=float)
+            table[student]["supervised"]["classifier"] = [float(v.mean()),
+                                                          float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)]
+
+
 def run_reproduce(cfg: DictConfig) -> dict:
     check_mandatory(cfg, {"name": "reproduce_preset=full|quick|calibrate (or name=<label>)"})
     if cfg.part not in PARTS:
@@ -598,6 +625,7 @@ def run_reproduce(cfg: DictConfig) -> dict:
         meta["notes"] = (f"**Partial table**: {len(results) - missing} of {len(results)} student runs have finished; "
                          f"a row with fewer runs than seeds is incomplete, a missing row has not run yet. The same "
                          f"command continues where it stopped.")
+    add_classifier_accuracy(table, steps, results, runs)
     claims = {s: claim_check(rows) for s, rows in table.items()}
     bars = teacher_bars(check, table, cfg.teacher_check.bars, TEACHER, SCRATCH) if cfg.teacher_check.enabled else []
     stem = out / f"table1_{cfg.data_name}" if cfg.name == "full" else out / f"table1_{cfg.data_name}_{cfg.name}"
