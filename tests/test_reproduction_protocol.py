@@ -294,10 +294,21 @@ def test_gap_closed_and_ranking_by_hand():
     assert c["gap_points"] == 4.0
     assert c["gap_closed"] == {"SEED": 0.875, "CompReSS-1q": 0.75, "CompReSS-2q": 0.5, "Regression": 0.25}
     assert c["ranking"][0] == "SEED" and c["compress_rank"] == 2 and c["compress_first"] is False
+    # the paper's own claim leaves out the later family: CompReSS leads Regression there
+    assert c["paper_ranking"] == ["CompReSS-1q", "CompReSS-2q", "Regression"] and c["paper_compress_first"] is True
     text = "\n".join(rp.claim_lines("alexnet_small", c))
-    assert "| SEED | 88% | 1 |" in text and "CompReSS does not rank first: SEED leads" in text
+    assert "| SEED | 88% | 1 |" in text
+    assert ("CompReSS ranks first among the paper's methods (its baselines and CompReSS), as the paper claims."
+            in text)
+    assert ("CompReSS does not rank first with the later family (SEED, SimReg, DisCo): SEED leads; CompReSS's "
+            "better variant is #2 of 4." in text)
     rows["SEED"] = {m: [84.5, 0.1, 3] for m in rp.METRICS}
     assert rp.claim_check(rows)["compress_first"] is True
+    rows.pop("SEED")
+    plain = rp.claim_check(rows)
+    assert "paper_ranking" not in plain
+    assert rp.claim_lines("s", plain)[-1] == ("CompReSS ranks first among the distillation methods, as the paper "
+                                              "claims.")
     assert rp.claim_check(_rows(**{rp.SCRATCH: 80.0})) is None
     early = rp.claim_check(_rows(**{rp.TEACHER: 86.0, rp.SCRATCH: 82.0, "Regression": 83.0}))  # a partial table
     assert early["compress_rank"] is None and early["compress_first"] is False
