@@ -90,7 +90,7 @@ def test_ablation_table_layout(tmp_path, monkeypatch):
                                             "ablation.queue_sizes": "[4096,1024]"})
     scores = {("0.04", "4096"): 80.0, ("0.1", "4096"): 70.0, ("0.04", "1024"): 75.0}
 
-    def fake_step(module, args, runs, tag, dry):
+    def fake_step(module, args, runs, tag, dry, **k):
         t = next((a.split("=")[1] for a in args if a.startswith("method.temperature=")), "0.04")
         q = [a.split("=")[1] for a in args if a.startswith("method.queue_size=")][-1]
         seed = int(next(a.split("=")[1] for a in args if a.startswith("seed=")))
@@ -135,7 +135,9 @@ def test_the_quick_table_has_a_row_per_family_method(tmp_path, monkeypatch):
 
     cfg = _preset("quick", out_dir=str(tmp_path))
     (tmp_path / "teacher").mkdir()
-    (tmp_path / "teacher" / "quick_teacher.ckpt").write_bytes(b"")
+    import torch
+
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "teacher" / "quick_teacher.ckpt")
     score = {m: 60.0 + i for i, m in enumerate(cfg.methods)}
 
     def fake_step(module, args, runs, tag, dry, *a, **k):

@@ -122,7 +122,8 @@ def _fake_teacher_step(calls):
         calls.append(args)
         out = Path(next(x.split("=", 1)[1] for x in args if x.startswith("output=")))
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(b"weights-%d" % len(calls))
+        torch.save({"state_dict": {"w": torch.full((2,), float(len(calls)))}, "callbacks": {"dirpath": str(runs)}},
+                   out)
         return runs / f"{tag}-x", {"fashion_mnist_teacher (MoCo v2)": {"1-NN": 85.0}}
     return fake
 
@@ -149,6 +150,53 @@ def test_teacher_is_built_once_recorded_by_hash_reused_and_a_changed_file_refuse
     assert rp.ensure_teacher(cal, tmp_path)[0] == ckpt and len(calls) == 2
     with pytest.raises(rp.StepFailed, match="make reproduce-teacher first"):
         rp.ensure_teacher(cal, tmp_path / "elsewhere")
+
+
+def test_weights_hash_ignores_what_lightning_stores_beside_the_weights(tmp_path):
+    import hashlib
+
+    w = torch.tensor([[1.0, -2.0]]), torch.tensor([3], dtype=torch.int64)
+    a, b, c = tmp_path / "a.ckpt", tmp_path / "b.ckpt", tmp_path / "c.ckpt"
+    torch.save({"state_dict": {"net.w": w[0], "net.n": w[1]}, "callbacks": {"dirpath": "/checkout/one"}}, a)
+    torch.save({"state_dict": {"net.n": w[1], "net.w": w[0]}, "callbacks": {"dirpath": "/another/checkout"}}, b)
+    torch.save({"state_dict": {"net.w": torch.tensor([[1.0, -2.5]]), "net.n": w[1]}}, c)
+    assert rp._sha256(a) != rp._sha256(b)  # the files differ (the run's path) ...
+    assert rp.weights_sha256(a) == rp.weights_sha256(b)  # ... the weights do not
+    assert rp.weights_sha256(c) != rp.weights_sha256(a)  # one changed number is another teacher
+    # by hand: name, dtype, shape, then the raw bytes (little-endian), keys in sorted order
+    h = hashlib.sha256()
+    h.update(b"net.n\0torch.int64\0(1,)\0" + (3).to_bytes(8, "little"))
+    h.update(b"net.w\0torch.float32\0(1, 2)\0" + np.array([1.0, -2.0], "<f4").tobytes())
+    assert rp.weights_sha256(a) == h.hexdigest()
+
+
+def test_a_different_teacher_at_the_same_path_never_reuses_student_runs(tmp_path):
+    cfg = _preset(out_dir=str(tmp_path))
+    one, two = rp.plan_steps(cfg, Path("t.ckpt"), "a" * 64), rp.plan_steps(cfg, Path("t.ckpt"), "b" * 64)
+    for s1, s2 in zip(one, two):
+        k1, k2 = rp.step_key(s1.module, s1.args, s1.teacher), rp.step_key(s2.module, s2.args, s2.teacher)
+        assert s1.args == s2.args  # the command lines are the same: only the teacher's weights differ
+        assert (k1 == k2) == (s1.method == "moco_scratch")  # MoCo from scratch never reads the teacher
+    st = next(s for s in one if s.method == "compress_2q")
+    done = tmp_path / "runs" / f"{st.tag}-{rp.step_key(st.module, st.args, st.teacher)}" / "results.json"
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps({"student (x)": {"1-NN": 70.0}}))
+    assert rp._run_step(st.module, st.args, tmp_path / "runs", st.tag, False, run=False, teacher="a" * 64)[1]
+    assert rp._run_step(st.module, st.args, tmp_path / "runs", st.tag, False, run=False, teacher="b" * 64)[1] is None
+
+
+def test_teacher_manifest_records_the_weights_hash(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(rp, "_run_step", _fake_teacher_step(calls))
+    cfg = _preset(out_dir=str(tmp_path))
+    ckpt, _ = rp.ensure_teacher(cfg, tmp_path)
+    mpath = tmp_path / "teacher" / "full_teacher.json"
+    manifest = json.loads(mpath.read_text())
+    assert manifest["weights_sha256"] == rp.weights_sha256(ckpt) == rp.teacher_weights(cfg, tmp_path)
+    del manifest["weights_sha256"]  # a manifest written before the weights hash: computed from the file
+    mpath.write_text(json.dumps(manifest))
+    assert rp.teacher_weights(cfg, tmp_path) == rp.weights_sha256(ckpt)
+    assert rp.teacher_weights(_preset(out_dir=str(tmp_path / "none")), tmp_path / "none") == ""
 
 
 def test_teacher_part_builds_only_the_teacher(tmp_path, monkeypatch):
@@ -224,7 +272,7 @@ def test_teacher_check_runs_teacher_and_pixels_per_teacher_hash_and_reaches_the_
     (tmp_path / "teacher" / "full_teacher.json").write_text(json.dumps({"sha256": "ab" * 32}))
     seen = []
 
-    def fake(module, args, runs, tag, dry, threads=None, log_file=False, run=True):
+    def fake(module, args, runs, tag, dry, threads=None, log_file=False, run=True, **k):
         if module == "compress_lit.evaluate":
             seen.append((runs, tag, args, run))
             top = 88.0 if "checkpoint=t.ckpt" in args else 83.0
@@ -331,7 +379,7 @@ def test_parallel_steps_run_each_command_once_and_the_cache_builder_first(tmp_pa
 
     order, lock = [], threading.Lock()
 
-    def fake(module, args, runs, tag, dry, threads=None, log_file=False, run=True):
+    def fake(module, args, runs, tag, dry, threads=None, log_file=False, run=True, **k):
         with lock:
             order.append((tag, threads, log_file))
         return runs / tag, {"student (x)": {"1-NN": 1.0}}
@@ -350,6 +398,8 @@ def test_parallel_steps_run_each_command_once_and_the_cache_builder_first(tmp_pa
 
 
 def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch):
+    from compress_lit.config import ConfigError
+
     cal = _preset("calibrate", out_dir=str(tmp_path))
     monkeypatch.setattr(rp, "ensure_teacher", lambda cfg, out: (Path("t.ckpt"), None))
     lr = {"optim.lr=0.02": 80.0, "optim.lr=0.1": 83.0}
@@ -360,7 +410,9 @@ def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch)
             v = lr.get(a_, v)
         if "method.temperature=0.02" in args:
             v = 20.0  # a collapse
-        lin = 88.0 if "optim.epochs=20" in args else 87.0
+        # supervised accuracy still rising with epochs, by less and less: 85 / 87.8 / 88.0 / 88.2
+        lin = {"optim.epochs=20": 87.8, "optim.epochs=40": 88.0, "optim.epochs=80": 88.2}
+        lin = next((lin[a_] for a_ in args if a_ in lin), 85.0)
         return runs / tag, {"student (x)": {"1-NN": v, "20-NN": v, "cluster": 1.0, "linear": lin}}
 
     monkeypatch.setattr(rp, "_run_step", fake)
@@ -368,12 +420,23 @@ def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch)
     chosen = {g: [c["label"] for c in cands if c["chosen"]] for g, cands in groups.items()}
     assert chosen["learning rate (CompReSS-2q, T 0.04, m 0.99)"] == ["lr 0.1"]  # 83 > 82
     assert chosen["CompReSS temperature (2q, lr 0.05)"] == ["T 0.04 (the paper's)"]
+    # a convergence search (within 0.5): the best is 80 epochs (88.2), the first within 0.5 of it is 20 (87.8)
     assert next(v for g, v in chosen.items() if g.startswith("supervised")) == ["20 epochs"]
     md = (tmp_path / "calibration_fashion_mnist.md").read_text()
-    assert "| T 0.02 | `method.temperature=0.02` | 20.00 ± 0.00 |" in md and "the test split is never read" in md
+    assert "| T 0.02 | `method.temperature=0.02` | 20.00 | 20.00 | 85.00 |  |" in md  # one seed: no "± 0.00"
+    assert "one seed (no spread)" in md and "the test split is never read" in md
+    assert "(chosen: the first setting within 0.5 points of the best linear.)" in md
+    assert "| 80 epochs | `optim.epochs=80` | 82.00 | 82.00 | 88.20 |  |" in md
+    assert "(chosen: the best 1-NN.)" in md
+    # every candidate of a group must share metric and within; a negative tolerance is refused
+    mixed = _preset("calibrate", out_dir=str(tmp_path))
+    mixed.candidates[-1].within = 1.0
+    with pytest.raises(ConfigError, match=r"candidates\[\d+\] \('80 epochs'\).*same metric and within"):
+        rp.run_calibration(mixed, tmp_path, tmp_path)
+    mixed.candidates[0].within = -1.0
+    with pytest.raises(ConfigError, match=r"candidates\[0\]\.within must be >= 0"):
+        rp.run_calibration(mixed, tmp_path, tmp_path)
     bad = _preset("calibrate", out_dir=str(tmp_path), common_args="['data=fashion_mnist']")
-    from compress_lit.config import ConfigError
-
     with pytest.raises(ConfigError, match="data.holdout"):
         rp.run_calibration(bad, tmp_path, tmp_path)
 
@@ -391,7 +454,7 @@ def test_table_part_runs_nothing_and_says_the_table_is_partial(tmp_path, monkeyp
     monkeypatch.setattr(rp, "ensure_teacher", lambda cfg, out: (Path("t.ckpt"), {"t": {"1-NN": 86.0}}))
     ran = []
 
-    def fake(module, args, runs, tag, dry, threads=None, log_file=False, run=True):
+    def fake(module, args, runs, tag, dry, threads=None, log_file=False, run=True, **k):
         ran.append(run)
         if "method=supervised" in args and "seed=0" in args:
             return runs / tag, {"student (supervised)": {m: 90.0 for m in rp.METRICS}}

@@ -77,13 +77,17 @@ class TeacherCheckConfig:
 @dataclass
 class CandidateConfig:
     """One setting tried by the calibration (``reproduce_preset=calibrate``): ``overrides`` on top of the preset's
-    arguments for ``method`` on ``student``; the candidates of one ``group`` compete on ``metric``."""
+    arguments for ``method`` on ``student``; the candidates of one ``group`` compete on ``metric``. ``within`` > 0
+    makes the group a convergence search: the first-listed candidate (list them cheapest first) scoring within
+    ``within`` points of the group's best is chosen, not the best itself (more epochs that add less than that are
+    not worth their cost). Every candidate of a group gives the same ``metric`` and ``within``."""
     group: str = MISSING
     label: str = MISSING
     method: str = MISSING
     student: str = "alexnet_small"
     overrides: list[str] = field(default_factory=list)
     metric: str = "1-NN"
+    within: float = 0.0
 
 
 @dataclass
@@ -133,6 +137,13 @@ def _hash(args: list[str]) -> str:
     return hashlib.sha1("\0".join(args).encode()).hexdigest()[:10]
 
 
+def step_key(module: str, args: list[str], teacher: str = "") -> str:
+    """A run's identity: its command line and, for a run that reads the teacher, the teacher's weights hash
+    (``teacher``). The command names the teacher only by its path, so without the hash a rebuilt, different teacher
+    at the same path would silently reuse runs distilled from the old one."""
+    return _hash([module, *args, *([f"teacher weights sha256={teacher}"] if teacher else [])])
+
+
 def _find_done(runs: Path, tag: str, key: str) -> Path:
     done = runs / f"{tag}-{key}" / "results.json"
     if not done.exists():  # the same command under another tag (the ablation's centre is a table run)
@@ -141,11 +152,12 @@ def _find_done(runs: Path, tag: str, key: str) -> Path:
 
 
 def _run_step(module: str, args: list[str], runs: Path, tag: str, dry: bool, threads: Optional[int] = None,
-              log_file: bool = False, run: bool = True) -> tuple[Path, dict | None]:
+              log_file: bool = False, run: bool = True, teacher: str = "") -> tuple[Path, dict | None]:
     """Run (or reuse) one step. ``threads``: its torch / OpenMP threads; ``log_file``: its output goes to
     ``<run dir>/step.log`` (parallel steps) and only this command's own lines are printed; ``run=False``: reuse a
-    finished run or return ``None`` (the rows of another part)."""
-    key = _hash([module, *args])
+    finished run or return ``None`` (the rows of another part); ``teacher``: the weights hash of the teacher the
+    step reads (part of its identity, :func:`step_key`)."""
+    key = step_key(module, args, teacher)
     done = _find_done(runs, tag, key)
     run_dir = done.parent
     if done.exists():
@@ -368,7 +380,7 @@ def ablation_points(ab: DictConfig) -> list[tuple[str, dict[str, float]]]:
     return points
 
 
-def run_ablation(cfg: DictConfig, runs: Path, teacher_ckpt: Path, out: Path) -> dict:
+def run_ablation(cfg: DictConfig, runs: Path, teacher_ckpt: Path, out: Path, teacher: str = "") -> dict:
     """Temperature and queue-size ablations of one method on one student (docs/paper.md, ablations), written to
     ``<out_dir>/ablation_<data>.md`` / ``.json``: rows ``T=...`` (queue at its centre) and ``queue=...`` (T at its
     centre), mean ± std over the seeds."""
@@ -382,7 +394,8 @@ def run_ablation(cfg: DictConfig, runs: Path, teacher_ckpt: Path, out: Path) -> 
         for seed in ab.seeds:
             module, args = step_command(cfg, ab.student, ab.method, seed, teacher_ckpt, extra)
             tag = f"ablation-{ab.student}-{ab.method}-" + "-".join(f"{k}{v}" for k, v in setting.items()) + f"-s{seed}"
-            _, res = _run_step(module, args, runs, tag, cfg.dry_run)
+            _, res = _run_step(module, args, runs, tag, cfg.dry_run,
+                               teacher=teacher if _reads_teacher(module) else "")
             if res:
                 results.append(_row(res))
         for k in ("temperature", "queue_size") if kind == "centre" else (kind,):
@@ -415,6 +428,35 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def weights_sha256(ckpt: Path) -> str:
+    """SHA-256 of a checkpoint's weights alone: each tensor of its ``state_dict`` (or of the file, for a bare state
+    dict) in key order, with its name, dtype and shape. The file's own SHA-256 also covers what Lightning stores
+    beside the weights (the run directory's absolute path among them), so the same teacher rebuilt in another
+    checkout has another file hash but this same weights hash."""
+    import torch
+
+    obj = torch.load(ckpt, map_location="cpu", weights_only=False)  # a teacher this command built itself
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k]
+        if torch.is_tensor(t):
+            t = t.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{k}\0{t.dtype}\0{tuple(sd[k].shape)}\0".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def teacher_weights(cfg: DictConfig, out: Path) -> str:
+    """The weights hash of the preset's teacher: from its manifest, or computed from the checkpoint for a manifest
+    written before the hash was recorded; empty when neither exists (a dry run)."""
+    ckpt, manifest = teacher_files(cfg, out)
+    m = json.loads(manifest.read_text()) if manifest.exists() else {}
+    if m.get("weights_sha256"):
+        return m["weights_sha256"]
+    return weights_sha256(ckpt) if ckpt.exists() else ""
 
 
 def teacher_files(cfg: DictConfig, out: Path) -> tuple[Path, Path]:
@@ -456,7 +498,8 @@ def ensure_teacher(cfg: DictConfig, out: Path) -> tuple[Path, dict | None]:
 
         atomic_copy(run_dir / "checkpoints" / "last.ckpt", ckpt)
     record = {"key": key, "command": f"python -m compress_lit.pretrain {' '.join(t_args)}",
-              "sha256": _sha256(ckpt), "bytes": ckpt.stat().st_size, "results": res,
+              "sha256": _sha256(ckpt), "weights_sha256": weights_sha256(ckpt), "bytes": ckpt.stat().st_size,
+              "results": res,
               "seconds_this_call": round(time.time() - t0, 1)}
     from .safety import atomic_write_bytes
 
@@ -472,7 +515,8 @@ def teacher_check(cfg: DictConfig, out: Path, teacher_ckpt: Path) -> Optional[di
     if not cfg.teacher_check.enabled:
         return None
     _, manifest = teacher_files(cfg, out)
-    sha = json.loads(manifest.read_text()).get("sha256", "") if manifest.exists() else ""
+    m = json.loads(manifest.read_text()) if manifest.exists() else {}
+    sha = m.get("weights_sha256") or m.get("sha256", "")  # the weights: the same teacher rebuilt elsewhere reuses it
     return run_teacher_check(list(cfg.teacher_check.args), teacher_ckpt, sha or "unbuilt", out, _run_step,
                              dry=cfg.dry_run, run=cfg.part != "table")
 
@@ -493,12 +537,20 @@ class Step:
     method: str = ""
     seed: int = 0
     references: tuple[str, ...] = ()
+    teacher: str = ""  # the weights hash of the teacher it reads (step_key); empty for MoCo from scratch
 
 
-def plan_steps(cfg: DictConfig, teacher_ckpt: Path) -> list[Step]:
+def _reads_teacher(module: str) -> bool:
+    """Whether a step's command names the teacher checkpoint (every ``compress_lit.train`` step does; MoCo from
+    scratch does not), so that the teacher's weights hash is part of its identity."""
+    return module == "compress_lit.train"
+
+
+def plan_steps(cfg: DictConfig, teacher_ckpt: Path, teacher: str = "") -> list[Step]:
     """Every student run of the table, in table order. The supervised runs (or, without them, the first
     distillation method's) also evaluate the reference rows: the random-init student on every seed, the teacher
-    and the raw pixels on the first seed (they do not depend on the seed)."""
+    and the raw pixels on the first seed (they do not depend on the seed). ``teacher``: the teacher's weights
+    hash, part of the identity of every step that reads it."""
     run_main = cfg.part in ("all", "main")
     run_family = cfg.part in ("all", "family")
     methods = [*cfg.methods, *[m for m in cfg.family_methods if m not in cfg.methods]]
@@ -512,7 +564,8 @@ def plan_steps(cfg: DictConfig, teacher_ckpt: Path) -> list[Step]:
                 if method == ref_method:
                     refs = ("random", "teacher", "pixels") if i == 0 else ("random",)
                 module, args = step_command(cfg, student, method, seed, teacher_ckpt, references=refs)
-                steps.append(Step(f"{student}-{method}-s{seed}", module, args, runs, student, method, seed, refs))
+                steps.append(Step(f"{student}-{method}-s{seed}", module, args, runs, student, method, seed, refs,
+                                  teacher if _reads_teacher(module) else ""))
     return steps
 
 
@@ -525,24 +578,25 @@ def execute(cfg: DictConfig, steps: list[Step], runs: Path) -> list[dict | None]
     todo = []
     first: dict[str, int] = {}  # the same command twice (a calibration's centre in several groups) runs once
     for i, st in enumerate(steps):
-        key = _hash([st.module, *st.args])
+        key = step_key(st.module, st.args, st.teacher)
         if key in first:
             continue
         first[key] = i
         done = _find_done(runs, st.tag, key)
         if done.exists() or not st.run or cfg.dry_run or jobs == 1:
-            results[i] = _run_step(st.module, st.args, runs, st.tag, cfg.dry_run, run=st.run)[1]
+            results[i] = _run_step(st.module, st.args, runs, st.tag, cfg.dry_run, run=st.run, teacher=st.teacher)[1]
         else:
             todo.append(i)
     first_cached = next((i for i in todo if steps[i].method in cfg.cached_methods), None)
     if first_cached is not None:
         st = steps[first_cached]
-        results[first_cached] = _run_step(st.module, st.args, runs, st.tag, False, threads=None, log_file=True)[1]
+        results[first_cached] = _run_step(st.module, st.args, runs, st.tag, False, threads=None, log_file=True,
+                                          teacher=st.teacher)[1]
         todo.remove(first_cached)
     if todo:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = {i: pool.submit(_run_step, steps[i].module, steps[i].args, runs, steps[i].tag, False,
-                                      threads, True) for i in todo}
+                                      threads, True, teacher=steps[i].teacher) for i in todo}
             failed = None
             for i, fut in futures.items():
                 try:
@@ -552,7 +606,7 @@ def execute(cfg: DictConfig, steps: list[Step], runs: Path) -> list[dict | None]
             if failed:
                 raise failed
     for i, st in enumerate(steps):
-        j = first[_hash([st.module, *st.args])]
+        j = first[step_key(st.module, st.args, st.teacher)]
         if j != i:
             results[i] = results[j]
     return results
@@ -624,7 +678,8 @@ def run_reproduce(cfg: DictConfig) -> dict:
             bars = teacher_bars(check, {}, cfg.teacher_check.bars, TEACHER, SCRATCH)
             print("\n".join(bars_lines(check, bars, table_probe(cfg))), flush=True)
         return {"teacher": t_res, "teacher_check": check}
-    steps = plan_steps(cfg, teacher_ckpt)
+    ident = "" if cfg.dry_run else teacher_weights(cfg, out)
+    steps = plan_steps(cfg, teacher_ckpt, ident)
     results = execute(cfg, steps, runs)
     if cfg.dry_run:
         if cfg.ablation.enabled:
@@ -634,7 +689,8 @@ def run_reproduce(cfg: DictConfig) -> dict:
     _, manifest = teacher_files(cfg, out)
     sha = json.loads(manifest.read_text()).get("sha256", "") if manifest.exists() else ""
     meta = {"data": cfg.data_name, "command": f"python -m compress_lit.reproduce reproduce_preset={cfg.name}",
-            "teacher": " ".join(cfg.teacher_args) + (f" (SHA-256 {sha[:12]}...)" if sha else ""),
+            "teacher": " ".join(cfg.teacher_args) + (f" (SHA-256 {sha[:12]}...)" if sha else "")
+            + (f" (weights SHA-256 {ident[:12]}...)" if ident else ""),
             "student_args": " ".join(cfg.common_args), "seeds": list(cfg.seeds)}
     missing = sum(r is None for r in results)
     if missing:
@@ -654,26 +710,35 @@ def run_reproduce(cfg: DictConfig) -> dict:
     bar_chart(table, Path(f"{stem}.png"))
     print(Path(f"{stem}.md").read_text(), flush=True)
     if cfg.ablation.enabled:
-        run_ablation(cfg, runs, teacher_ckpt, out)
+        run_ablation(cfg, runs, teacher_ckpt, out, ident)
     return table
 
 
 def run_calibration(cfg: DictConfig, runs: Path, out: Path) -> dict:
     """``reproduce_preset=calibrate``: every candidate on the preset's validation split (``data.holdout`` in its
     ``common_args``: training images held out, the test split never read), each group's best on its metric marked
-    as chosen; written to ``<out_dir>/calibration_<data>.md`` / ``.json``."""
-    if not any(a.startswith("data.holdout=") for a in cfg.common_args):
-        from .config import ConfigError
+    as chosen (or, for a group with ``within``, the first within that many points of it); written to
+    ``<out_dir>/calibration_<data>.md`` / ``.json``."""
+    from .config import ConfigError
 
+    if not any(a.startswith("data.holdout=") for a in cfg.common_args):
         raise ConfigError("a calibration (candidates) must evaluate on a validation split: add data.holdout=<n> to "
                           "common_args (the test split must never choose a hyperparameter)")
+    seen: dict[str, tuple] = {}
+    for i, c in enumerate(cfg.candidates):
+        if c.within < 0:
+            raise ConfigError(f"candidates[{i}].within must be >= 0 (points of top-1), got {c.within}")
+        if seen.setdefault(c.group, (c.metric, c.within)) != (c.metric, c.within):
+            raise ConfigError(f"candidates[{i}] ({c.label!r}): every candidate of group {c.group!r} must give the "
+                              f"same metric and within, got {(c.metric, c.within)} after {seen[c.group]}")
     teacher_ckpt, _ = ensure_teacher(cfg, out)
+    ident = "" if cfg.dry_run else teacher_weights(cfg, out)
     steps = []
     for c in cfg.candidates:
         for seed in cfg.seeds:
             module, args = step_command(cfg, c.student, c.method, seed, teacher_ckpt, tuple(c.overrides))
             steps.append(Step(f"calibrate-{c.student}-{c.method}-{_hash(list(c.overrides))}-s{seed}", module, args,
-                              True, c.student, c.method, seed))
+                              True, c.student, c.method, seed, teacher=ident if _reads_teacher(module) else ""))
     results = execute(cfg, steps, runs)
     if cfg.dry_run:
         return {}
@@ -683,22 +748,30 @@ def run_calibration(cfg: DictConfig, runs: Path, out: Path) -> dict:
         res = [_row(r) for r in results[j * per:(j + 1) * per] if r]
         agg = aggregate({c.label: res})[c.label]
         groups.setdefault(c.group, []).append({"label": c.label, "method": c.method, "student": c.student,
-                                               "overrides": list(c.overrides), "metric": c.metric, "scores": agg})
+                                               "overrides": list(c.overrides), "metric": c.metric,
+                                               "within": float(c.within), "scores": agg})
     for cands in groups.values():
-        best = max(cands, key=lambda c: c["scores"].get(c["metric"], [float("-inf")])[0])
-        for c in cands:
-            c["chosen"] = c is best
+        score = [c["scores"].get(c["metric"], [float("-inf")])[0] for c in cands]
+        top = max(score)
+        pick = next(i for i, v in enumerate(score) if v >= top - cands[0]["within"])
+        for i, c in enumerate(cands):
+            c["chosen"] = i == pick
     lines = [f"# Calibration on {cfg.data_name}: hyperparameters chosen on a validation split", "",
              f"Command: `python -m compress_lit.reproduce reproduce_preset={cfg.name}`. Every run: "
              f"`{' '.join(cfg.common_args)}`; seeds {list(cfg.seeds)}. The validation split is `data.holdout` "
              "training images (seeded, disjoint from the training images); the test split is never read. "
-             "Top-1 % on the validation split, mean ± std over seeds.", ""]
+             + ("Top-1 % on the validation split, one seed (no spread)." if per == 1 else
+                f"Top-1 % on the validation split, mean ± std over {per} seeds."), ""]
     for group, cands in groups.items():
-        lines += [f"## {group}", "", "| setting | overrides | 1-NN | 20-NN | linear | chosen |",
+        within = cands[0]["within"]
+        rule = (f"chosen: the first setting within {within:g} points of the best {cands[0]['metric']}"
+                if within else f"chosen: the best {cands[0]['metric']}")
+        lines += [f"## {group}", "", f"({rule}.)", "", "| setting | overrides | 1-NN | 20-NN | linear | chosen |",
                   "|---|---|---:|---:|---:|:---:|"]
         for c in cands:
             sc = c["scores"]
-            cells = [f"{sc[m][0]:.2f} ± {sc[m][1]:.2f}" if m in sc else "–" for m in ("1-NN", "20-NN", "linear")]
+            cells = [("–" if m not in sc else f"{sc[m][0]:.2f}" if per == 1 else f"{sc[m][0]:.2f} ± {sc[m][1]:.2f}")
+                     for m in ("1-NN", "20-NN", "linear")]
             lines.append(f"| {c['label']} | `{' '.join(c['overrides']) or '(preset)'}` | " + " | ".join(cells)
                          + f" | {'**yes** (' + c['metric'] + ')' if c['chosen'] else ''} |")
         lines.append("")

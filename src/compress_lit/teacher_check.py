@@ -32,7 +32,8 @@ def evaluate_row(res: dict) -> dict[str, float]:
 def run_teacher_check(args: list[str], teacher_ckpt: Path, sha256: str, out: Path, run_step: Callable,
                       dry: bool = False, run: bool = True) -> Optional[dict]:
     """Score the teacher (``checkpoint=teacher_ckpt``) and the raw pixels (``model_format=pixels``) with the same
-    ``args``. The runs live in ``out/teacher/check-<sha256[:12]>``: a rebuilt teacher gets its own check.
+    ``args``. The runs live in ``out/teacher/check-<sha256[:12]>`` (the teacher's weights hash): a different
+    teacher gets its own check.
     ``run=False``: only read finished runs. Returns ``{"args", "num_train", "num_val", "teacher": row,
     "raw pixels": row}`` (``None`` on a dry run or when a run is missing)."""
     runs = out / "teacher" / f"check-{sha256[:12]}"
