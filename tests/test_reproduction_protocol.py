@@ -401,6 +401,8 @@ def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch)
     from compress_lit.config import ConfigError
 
     cal = _preset("calibrate", out_dir=str(tmp_path))
+    eighty = OmegaConf.merge(cal.candidates[-1], {"label": "80 epochs", "overrides": ["optim.epochs=80"]})
+    cal.candidates.append(eighty)  # a fourth, longer supervised run: the best, but barely
     monkeypatch.setattr(rp, "ensure_teacher", lambda cfg, out: (Path("t.ckpt"), None))
     lr = {"optim.lr=0.02": 80.0, "optim.lr=0.1": 83.0}
 
@@ -429,7 +431,7 @@ def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch)
     assert "| 80 epochs | `optim.epochs=80` | 82.00 | 82.00 | 88.20 |  |" in md
     assert "(chosen: the best 1-NN.)" in md
     # every candidate of a group must share metric and within; a negative tolerance is refused
-    mixed = _preset("calibrate", out_dir=str(tmp_path))
+    mixed = cal
     mixed.candidates[-1].within = 1.0
     with pytest.raises(ConfigError, match=r"candidates\[\d+\] \('80 epochs'\).*same metric and within"):
         rp.run_calibration(mixed, tmp_path, tmp_path)
