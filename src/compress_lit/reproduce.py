@@ -138,10 +138,12 @@ def _hash(args: list[str]) -> str:
 
 
 def step_key(module: str, args: list[str], teacher: str = "") -> str:
-    """A run's identity: its command line and, for a run that reads the teacher, the teacher's weights hash
-    (``teacher``). The command names the teacher only by its path, so without the hash a rebuilt, different teacher
-    at the same path would silently reuse runs distilled from the old one."""
-    return _hash([module, *args, *([f"teacher weights sha256={teacher}"] if teacher else [])])
+    """A run's identity: its command line and, for a run that reads the teacher (every ``compress_lit.train`` step;
+    MoCo from scratch does not), the teacher's weights hash (``teacher``). The command names the teacher only by
+    its path, so without the hash a rebuilt, different teacher at the same path would silently reuse runs
+    distilled from the old one."""
+    reads = teacher and module == "compress_lit.train"
+    return _hash([module, *args, *([f"teacher weights sha256={teacher}"] if reads else [])])
 
 
 def _find_done(runs: Path, tag: str, key: str) -> Path:
@@ -394,8 +396,7 @@ def run_ablation(cfg: DictConfig, runs: Path, teacher_ckpt: Path, out: Path, tea
         for seed in ab.seeds:
             module, args = step_command(cfg, ab.student, ab.method, seed, teacher_ckpt, extra)
             tag = f"ablation-{ab.student}-{ab.method}-" + "-".join(f"{k}{v}" for k, v in setting.items()) + f"-s{seed}"
-            _, res = _run_step(module, args, runs, tag, cfg.dry_run,
-                               teacher=teacher if _reads_teacher(module) else "")
+            _, res = _run_step(module, args, runs, tag, cfg.dry_run, teacher=teacher)
             if res:
                 results.append(_row(res))
         for k in ("temperature", "queue_size") if kind == "centre" else (kind,):
@@ -537,13 +538,7 @@ class Step:
     method: str = ""
     seed: int = 0
     references: tuple[str, ...] = ()
-    teacher: str = ""  # the weights hash of the teacher it reads (step_key); empty for MoCo from scratch
-
-
-def _reads_teacher(module: str) -> bool:
-    """Whether a step's command names the teacher checkpoint (every ``compress_lit.train`` step does; MoCo from
-    scratch does not), so that the teacher's weights hash is part of its identity."""
-    return module == "compress_lit.train"
+    teacher: str = ""  # the teacher's weights hash (step_key: part of the identity of a step that reads it)
 
 
 def plan_steps(cfg: DictConfig, teacher_ckpt: Path, teacher: str = "") -> list[Step]:
@@ -565,7 +560,7 @@ def plan_steps(cfg: DictConfig, teacher_ckpt: Path, teacher: str = "") -> list[S
                     refs = ("random", "teacher", "pixels") if i == 0 else ("random",)
                 module, args = step_command(cfg, student, method, seed, teacher_ckpt, references=refs)
                 steps.append(Step(f"{student}-{method}-s{seed}", module, args, runs, student, method, seed, refs,
-                                  teacher if _reads_teacher(module) else ""))
+                                  teacher))
     return steps
 
 
@@ -738,7 +733,7 @@ def run_calibration(cfg: DictConfig, runs: Path, out: Path) -> dict:
         for seed in cfg.seeds:
             module, args = step_command(cfg, c.student, c.method, seed, teacher_ckpt, tuple(c.overrides))
             steps.append(Step(f"calibrate-{c.student}-{c.method}-{_hash(list(c.overrides))}-s{seed}", module, args,
-                              True, c.student, c.method, seed, teacher=ident if _reads_teacher(module) else ""))
+                              True, c.student, c.method, seed, teacher=ident))
     results = execute(cfg, steps, runs)
     if cfg.dry_run:
         return {}
