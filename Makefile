@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+# extra overrides of every reproduce target, e.g. REPRODUCE_ARGS=progress=results/progress_fashion_mnist.json
+# (a reproduction continued across machines from its tracked progress file: docs/reproduction.md)
+REPRODUCE_ARGS ?=
 
 .PHONY: install demo check-demo test bench reproduce reproduce-teacher reproduce-calibrate reproduce-family \
 	reproduce-table reproduce-ablation reproduce-quick clean
@@ -36,23 +39,23 @@ bench: install
 # The teacher once (<= 60 min; its SHA-256 is recorded and checked by every later step, and it is rebuilt when
 # missing), the validation-split calibration, the table's main rows (<= 150 min), the later family's rows.
 reproduce-teacher: install
-	$(PY) -m compress_lit.reproduce part=teacher
+	$(PY) -m compress_lit.reproduce part=teacher $(REPRODUCE_ARGS)
 
 reproduce-calibrate: install
-	$(PY) -m compress_lit.reproduce reproduce_preset=calibrate
+	$(PY) -m compress_lit.reproduce reproduce_preset=calibrate $(REPRODUCE_ARGS)
 
 reproduce: install
-	$(PY) -m compress_lit.reproduce part=main
+	$(PY) -m compress_lit.reproduce part=main $(REPRODUCE_ARGS)
 
 reproduce-family: install
-	$(PY) -m compress_lit.reproduce part=family
+	$(PY) -m compress_lit.reproduce part=family $(REPRODUCE_ARGS)
 
 # the table from the runs finished so far, running nothing (an interrupted reproduction's progress)
 reproduce-table: install
-	$(PY) -m compress_lit.reproduce part=table
+	$(PY) -m compress_lit.reproduce part=table $(REPRODUCE_ARGS)
 
 reproduce-ablation: install
-	$(PY) -m compress_lit.reproduce part=main ablation.enabled=true
+	$(PY) -m compress_lit.reproduce part=main ablation.enabled=true $(REPRODUCE_ARGS)
 
 reproduce-quick: install
 	$(PY) -m compress_lit.reproduce reproduce_preset=quick

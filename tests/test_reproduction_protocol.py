@@ -72,6 +72,39 @@ def test_holdout_is_carved_from_the_train_split_and_the_test_split_is_not_read()
         bad.setup("fit")
 
 
+def test_eval_full_train_scores_on_the_whole_split_while_training_keeps_the_subset():
+    for holdout in (None, 300):
+        full, sub = _digits(holdout=holdout), _digits(holdout=holdout, train_subset=500, eval_full_train=True)
+        full.setup("fit")
+        sub.setup("fit")
+        assert sub.num_train == 500 and len(sub.train_dataset_eval) == 500  # training, caches and CC: the subset
+        assert len(sub.bank_dataset) == full.num_train  # the evaluation's train side: the whole (held-in) split
+        assert torch.equal(sub.bank_dataset.images, full.train_dataset_eval.images)
+        assert torch.equal(sub.val_dataset.images, full.val_dataset.images)
+    plain = _digits(train_subset=500)
+    assert plain.bank_dataset is plain.train_dataset_eval  # default: the training images themselves
+
+
+def test_eval_full_train_1nn_equals_an_independent_one_on_the_whole_split():
+    from compress_lit.evaluation.suite import evaluate_models
+
+    dm, whole = _digits(train_subset=300, eval_full_train=True), _digits()
+    dm.setup("fit")
+    whole.setup("fit")
+    res = evaluate_models({"raw pixels": RawPixels(grey=True)}, dm, ks=(1,), cluster_seeds=0, linear=False)
+    tr = np.stack([x[0].flatten().numpy() for x, _, _ in whole.train_dataset_eval]).astype(np.float64)
+    ty = np.array([int(y) for _, y, _ in whole.train_dataset_eval])
+    te = np.stack([x[0].flatten().numpy() for x, _, _ in whole.val_dataset]).astype(np.float64)
+    tey = np.array([int(y) for _, y, _ in whole.val_dataset])
+    tr /= np.linalg.norm(tr, axis=1, keepdims=True)
+    te /= np.linalg.norm(te, axis=1, keepdims=True)
+    want = 100.0 * np.mean(ty[(te @ tr.T).argmax(1)] == tey)
+    assert res["raw pixels"]["1-NN"] == pytest.approx(want, abs=1e-6)
+    small = evaluate_models({"raw pixels": RawPixels(grey=True)}, _digits(train_subset=300), ks=(1,),
+                            cluster_seeds=0, linear=False)
+    assert small["raw pixels"]["1-NN"] < want  # a 300-image bank is a different, weaker protocol
+
+
 def test_holdout_is_a_start_up_error_when_not_positive():
     from hydra import compose, initialize_config_dir
 
@@ -401,8 +434,8 @@ def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch)
     from compress_lit.config import ConfigError
 
     cal = _preset("calibrate", out_dir=str(tmp_path))
-    eighty = OmegaConf.merge(cal.candidates[-1], {"label": "80 epochs", "overrides": ["optim.epochs=80"]})
-    cal.candidates.append(eighty)  # a fourth, longer supervised run: the best, but barely
+    sup = [c.label for c in cal.candidates if c.method == "supervised"]
+    assert sup == ["10 epochs", "20 epochs", "40 epochs", "80 epochs"]  # the preset's convergence search
     monkeypatch.setattr(rp, "ensure_teacher", lambda cfg, out: (Path("t.ckpt"), None))
     lr = {"optim.lr=0.02": 80.0, "optim.lr=0.1": 83.0}
 
@@ -526,9 +559,9 @@ def test_supervised_rows_get_their_classifier_accuracy_once_per_run(tmp_path, mo
     import compress_lit.evaluation.classifier as clf
 
     cfg = _preset(students="[alexnet_small]", methods="[supervised]", family_methods="[]", seeds="[0,1]")
-    steps = rp.plan_steps(cfg, Path("t.ckpt"))
+    steps = rp.plan_steps(cfg, Path("t.ckpt"), teacher="ab" * 32)  # a run's key includes the teacher's hash
     for st in steps:
-        d = tmp_path / f"{st.tag}-{rp._hash([st.module, *st.args])}"
+        d = tmp_path / f"{st.tag}-{rp.step_key(st.module, st.args, st.teacher)}"
         (d / "checkpoints").mkdir(parents=True)
         (d / "checkpoints" / "last.ckpt").write_bytes(b"x")
         (d / "results.json").write_text("{}")

@@ -120,6 +120,10 @@ class DataConfig:
     # hyperparameter search: hold out this many training images (seeded by split_seed) and evaluate on them instead
     # of the test split, which is then never read; train_subset is drawn from the rest (data/datamodule.py)
     holdout: Optional[int] = None
+    # evaluation only: the k-NN bank, the k-means set and the linear probe's training set are the whole train split
+    # (after `holdout`), not only the `train_subset` the model trains on (training, the teacher's feature cache and
+    # CC's k-means keep the subset); false: they are the training images themselves
+    eval_full_train: bool = False
 
 
 @dataclass

@@ -97,12 +97,13 @@ def extract_split_features(loaded, dm, data_cfg, layer, device, cache, progress,
     """(train_x, train_y, test_x, test_y) of the centre-crop train split and the val split, cached.
     ``ten_crop``: the val split 10-cropped, ``test_x`` then ``N x 10 x D`` (evaluation/ten_crop.py)."""
     from .evaluation.features import describe_loader, extract_features, feature_cache_key
+    from .data.datamodule import bank_loader
     from .evaluation.ten_crop import ten_crop_loader
 
     data_key = json.dumps(OmegaConf.to_container(data_cfg, resolve=True), sort_keys=True)
     out = []
     val_loader = ten_crop_loader(dm, data_cfg) if ten_crop else dm.val_dataloader()
-    for split, loader in (("train", dm.train_eval_dataloader()), ("val", val_loader)):
+    for split, loader in (("train", bank_loader(dm)), ("val", val_loader)):
         key = (feature_cache_key(loaded.identity, loaded.layer_name(layer), split, data=data_key,
                                  **describe_loader(loader)) if cache is not None else None)
         out.extend(extract_features(loaded.model, loader, device, progress, layer=layer, cache=cache, cache_key=key,

@@ -291,12 +291,13 @@ def cluster_pictures(model, dm, out_dir: str | Path, device="cpu", train_subset:
     (seed ``seed``, k = number of classes) on the train features, the val images by cluster (the paper's
     picture) and the cluster -> class confusion of the val split. Features of seeded subsets of at most
     ``train_subset`` / ``val_subset`` images (the in-training evaluation's sizes) keep it cheap on big data."""
+    from .data.datamodule import bank_loader
     from .evaluation.cluster import cluster_alignment, plot_cluster_grid, plot_confusion
     from .evaluation.features import extract_features
     from .evaluation.loading import denormalizer
 
     out_dir = Path(out_dir)
-    train = _subset(dm.train_eval_dataloader(), train_subset, seed)
+    train = _subset(bank_loader(dm), train_subset, seed)
     val = _subset(dm.val_dataloader(), val_subset, seed + 1)
     tx, ty = extract_features(model, train, device)
     vx, vy = extract_features(model, val, device)

@@ -29,6 +29,7 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from .run_records import restore_progress, save_progress
 from .startup import USER_ERRORS, check_mandatory, run_entry
 from .teacher_check import bars_lines, run_teacher_check, teacher_bars
 from .train import CONF_DIR
@@ -124,6 +125,9 @@ class ReproduceConfig:
     teacher_check: TeacherCheckConfig = field(default_factory=TeacherCheckConfig)
     candidates: list[CandidateConfig] = field(default_factory=list)  # non-empty: a calibration (validation split)
     dry_run: bool = False  # print the commands only
+    # a tracked file of the finished runs' records (run_records.py): read back as finished runs before running,
+    # written after; lets a reproduction longer than one machine's life continue elsewhere. null: runs/ only
+    progress: Optional[str] = None
 
 
 ConfigStore.instance().store(name="reproduce_schema", node=ReproduceConfig)
@@ -188,7 +192,10 @@ def _run_step(module: str, args: list[str], runs: Path, tag: str, dry: bool, thr
     if rc != 0:
         where = f"; its log: {run_dir / 'step.log'}" if log_file else "; its message is above"
         raise StepFailed(f"step {tag} failed (exit status {rc}{where}): python -m {module} {' '.join(args)}")
-    print(f"[reproduce] {tag}: done in {time.time() - t0:.0f} s", flush=True)
+    seconds = time.time() - t0
+    (run_dir / "step.json").write_text(json.dumps({"seconds": round(seconds, 1), "threads": threads,
+                                                   "command": " ".join(["python", "-m", module, *args])}))
+    print(f"[reproduce] {tag}: done in {seconds:.0f} s", flush=True)
     return run_dir, json.loads(done.read_text())
 
 
@@ -295,6 +302,8 @@ def markdown_table(table: dict[str, dict[str, dict]], meta: dict) -> str:
              f"itself a mean over k-means seeds within each run.", ""]
     if meta.get("notes"):
         lines += [meta["notes"], ""]
+    if meta.get("progress"):
+        lines += [f"Progress: {meta['progress']}.", ""]
     for student, rows in table.items():
         best = best_rows(rows)
         lines += [f"## {student}", "", "| model | 1-NN | 20-NN | cluster alignment | linear | runs |",
@@ -525,6 +534,9 @@ def teacher_check(cfg: DictConfig, out: Path, teacher_ckpt: Path) -> Optional[di
 def table_probe(cfg: DictConfig) -> str:
     """The table's k-NN bank / probe set in words, from ``common_args``."""
     n = next((a.split("=", 1)[1] for a in cfg.common_args if a.startswith("data.train_subset=")), None)
+    if "data.eval_full_train=true" in cfg.common_args:
+        return "the whole train split as bank and probe set" + (f"; students train on {int(n):,} of its images"
+                                                                if n and n != "null" else "")
     return f"{int(n):,}-image bank and probe set" if n and n != "null" else "the whole train split"
 
 
@@ -607,6 +619,20 @@ def execute(cfg: DictConfig, steps: list[Step], runs: Path) -> list[dict | None]
     return results
 
 
+def execute_recorded(cfg: DictConfig, steps: list[Step], runs: Path) -> list[dict | None]:
+    """:func:`execute`, with ``progress=<file>``: its records restored as finished runs first, and every finished
+    run recorded afterwards, also when a step failed or the call was interrupted."""
+    if not cfg.progress or cfg.dry_run:
+        return execute(cfg, steps, runs)
+    restored = restore_progress(Path(cfg.progress), runs)
+    print(f"[reproduce] progress={cfg.progress}: {restored} finished runs restored", flush=True)
+    try:
+        return execute(cfg, steps, runs)
+    finally:
+        n = save_progress(runs, Path(cfg.progress))
+        print(f"[reproduce] progress={cfg.progress}: {n} finished runs recorded", flush=True)
+
+
 def table_rows(cfg: DictConfig, steps: list[Step], results: list[dict | None]) -> dict[str, dict]:
     """Per student: the reference rows (raw pixels, random init, teacher, supervised) then every method."""
     table: dict[str, dict] = {}
@@ -641,7 +667,7 @@ def add_classifier_accuracy(table: dict, steps: list[Step], results: list[dict |
     for st, res in zip(steps, results):
         if st.method != "supervised" or res is None:
             continue
-        run_dir = _find_done(runs, st.tag, _hash([st.module, *st.args])).parent
+        run_dir = _find_done(runs, st.tag, step_key(st.module, st.args, st.teacher)).parent
         kept, ckpt = run_dir / "classifier.json", run_dir / "checkpoints" / "last.ckpt"
         if not kept.exists():
             if not ckpt.exists():
@@ -675,7 +701,7 @@ def run_reproduce(cfg: DictConfig) -> dict:
         return {"teacher": t_res, "teacher_check": check}
     ident = "" if cfg.dry_run else teacher_weights(cfg, out)
     steps = plan_steps(cfg, teacher_ckpt, ident)
-    results = execute(cfg, steps, runs)
+    results = execute_recorded(cfg, steps, runs)
     if cfg.dry_run:
         if cfg.ablation.enabled:
             run_ablation(cfg, runs, teacher_ckpt, out)
@@ -693,6 +719,10 @@ def run_reproduce(cfg: DictConfig) -> dict:
                          f"a row with fewer runs than seeds is incomplete, a missing row has not run yet. The same "
                          f"command continues where it stopped.")
     add_classifier_accuracy(table, steps, results, runs)
+    if cfg.progress:
+        save_progress(runs, Path(cfg.progress))  # with the supervised runs' classifier.json
+        meta["progress"] = (f"runs recorded in {cfg.progress} (each run's results, seconds and command; the "
+                            f"reproduction may have continued across machines from it)")
     claims = {s: claim_check(rows) for s, rows in table.items()}
     bars = teacher_bars(check, table, cfg.teacher_check.bars, TEACHER, SCRATCH) if cfg.teacher_check.enabled else []
     stem = out / f"table1_{cfg.data_name}" if cfg.name == "full" else out / f"table1_{cfg.data_name}_{cfg.name}"
@@ -734,7 +764,7 @@ def run_calibration(cfg: DictConfig, runs: Path, out: Path) -> dict:
             module, args = step_command(cfg, c.student, c.method, seed, teacher_ckpt, tuple(c.overrides))
             steps.append(Step(f"calibrate-{c.student}-{c.method}-{_hash(list(c.overrides))}-s{seed}", module, args,
                               True, c.student, c.method, seed, teacher=ident))
-    results = execute(cfg, steps, runs)
+    results = execute_recorded(cfg, steps, runs)
     if cfg.dry_run:
         return {}
     groups: dict[str, list[dict]] = {}

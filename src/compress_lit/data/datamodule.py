@@ -2,7 +2,9 @@
 
 * ``train_dataloader``: training augmentation (``MultiView`` of it when ``views > 1``), shuffled, ``drop_last``.
 * ``val_dataloader``: evaluation transform on the val split, in order.
-* ``train_eval_dataloader``: evaluation transform on the train split, in order (k-NN bank, feature caches).
+* ``train_eval_dataloader``: evaluation transform on the training images, in order (feature caches, CC's k-means).
+* ``bank_dataloader``: evaluation transform on the evaluation's train side, in order (k-NN bank, k-means set, linear
+  probe): the training images, or with ``data.eval_full_train`` the whole train split they were drawn from.
 
 ``wrap_train(fn)`` replaces the training dataset by ``fn(dataset)`` (the cached teacher's ``SeededViews``).
 
@@ -40,6 +42,7 @@ class CompressDataModule(pl.LightningDataModule):
         self._train = None  # training transform
         self._train_eval = None  # evaluation transform on the train split
         self._val = None
+        self._bank = None  # evaluation transform on the evaluation's train side (bank_dataloader)
         self._train_wrapper = None  # see wrap_train
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -50,6 +53,7 @@ class CompressDataModule(pl.LightningDataModule):
         train, val = load_splits(cfg)
         if getattr(cfg, "holdout", None) is not None:  # a validation split carved from train; the test split unused
             train, val = split_holdout(train, int(cfg.holdout), cfg.split_seed)
+        whole = train
         train = take_subset(train, cfg.train_subset, cfg.split_seed, "data.train_subset")
         val = take_subset(val, cfg.val_subset, cfg.split_seed, "data.val_subset")
         augment = train_transform(cfg)
@@ -61,6 +65,7 @@ class CompressDataModule(pl.LightningDataModule):
             self._train = self._train_wrapper(self._train)
         self._train_eval = train.with_transform(evaluate)
         self._val = val.with_transform(evaluate)
+        self._bank = whole.with_transform(evaluate) if getattr(cfg, "eval_full_train", False) else self._train_eval
 
     def wrap_train(self, fn) -> None:
         """Replace the training dataset by ``fn(dataset)`` (e.g. the cached teacher's ``SeededViews``), now if
@@ -81,6 +86,13 @@ class CompressDataModule(pl.LightningDataModule):
         """The train split with the evaluation transform (same indices as ``train_dataset``)."""
         self.setup()
         return self._train_eval
+
+    @property
+    def bank_dataset(self):
+        """The evaluation's train side (k-NN bank, k-means set, probe training set), evaluation transform: the
+        training images, or the whole train split with ``data.eval_full_train``."""
+        self.setup()
+        return self._bank
 
     @property
     def val_dataset(self):
@@ -147,6 +159,19 @@ class CompressDataModule(pl.LightningDataModule):
         not persistent), as it is typically used once per evaluation."""
         return self._loader(self.train_dataset_eval, int(self.cfg.eval_batch_size), shuffle=False,
                             drop_last=False, persistent=False)
+
+
+    def bank_dataloader(self) -> DataLoader:
+        """:attr:`bank_dataset`, in order (not persistent, like ``train_eval_dataloader``)."""
+        return self._loader(self.bank_dataset, int(self.cfg.eval_batch_size), shuffle=False, drop_last=False,
+                            persistent=False)
+
+
+def bank_loader(dm) -> DataLoader:
+    """The evaluation's train-side loader of any datamodule: ``bank_dataloader()`` where it has one, else its
+    ``train_eval_dataloader()`` (VOC, the 10-crop wrapper)."""
+    fn = getattr(dm, "bank_dataloader", None)
+    return fn() if fn is not None else dm.train_eval_dataloader()
 
 
 def build_datamodule(cfg: Any, views: int = 1) -> CompressDataModule:

@@ -3,7 +3,7 @@
 ``KNNCallback`` logs ``eval/knn_top1_k{k}`` (and ``eval/knn_top5_k{k}`` with more than 5 classes);
 ``ClusterAlignmentCallback`` logs ``eval/cluster_acc`` (mean over its seeds), ``eval/cluster_nmi`` and
 ``eval/cluster_ari``. Both run at the end of every ``every_n_epochs``-th training epoch (and of the last), on the
-datamodule's ``train_eval_dataloader()`` (bank / k-means) and ``val_dataloader()`` (queries), optionally on a fixed
+datamodule's ``bank_dataloader()`` (bank / k-means) and ``val_dataloader()`` (queries), optionally on a fixed
 seeded subset of each (``train_subset`` / ``val_subset`` samples) to keep them cheap.
 
 DDP: the work runs on global rank 0 only (features of the subset, then the evaluation), the other processes wait at
@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ..data.datamodule import bank_loader
 from .features import extract_features
 
 
@@ -58,7 +59,7 @@ class _EmbeddingEvalCallback(pl.Callback):
         memo = getattr(trainer, "_compress_eval_features", None)
         if memo is not None and memo[0] == key:
             return memo[1]
-        train = _subset_loader(dm.train_eval_dataloader(), self.train_subset, self.seed)
+        train = _subset_loader(bank_loader(dm), self.train_subset, self.seed)
         val = _subset_loader(dm.val_dataloader(), self.val_subset, self.seed + 1)
         tx, ty = extract_features(pl_module, train, pl_module.device)
         vx, vy = extract_features(pl_module, val, pl_module.device)

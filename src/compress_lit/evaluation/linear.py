@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.datamodule import bank_loader
 from ..schedule import LRSchedule
 from .features import layers_fn, merge_shards
 from .settings import LinearProbeConfig
@@ -335,6 +336,8 @@ def linear_datamodule_config(data_cfg, cfg: LinearProbeConfig):
     d["batch_size"] = int(cfg.batch_size)
     if cfg.crop_scale is not None:
         d["crop_scale"] = list(cfg.crop_scale)
+    if d.get("eval_full_train"):  # the probe trains on the evaluation's train side: the whole train split
+        d["train_subset"] = None
     from ..config import DataConfig
 
     return OmegaConf.merge(OmegaConf.structured(DataConfig), d)
@@ -364,7 +367,7 @@ def run_linear_probe(backbone: nn.Module, data_cfg, cfg: Optional[LinearProbeCon
     if train_feats is not None and layers is None:
         train_feats = {layer: train_feats}
     if train_feats is None:
-        extracted = extract_layer_features(backbone, dm.train_eval_dataloader(), names, device, progress,
+        extracted = extract_layer_features(backbone, bank_loader(dm), names, device, progress,
                                            pooled_dim=cfg.pooled_dim, desc="train features")
         train_feats = {name: f for name, (f, _) in extracted.items()}
     stats = {name: standardization_stats(train_feats[name]) for name in names}

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional, Sequence
 from omegaconf import OmegaConf
 
 from ..config import ConfigError
+from ..data.datamodule import bank_loader
 from .ten_crop import LABEL as TEN_CROP_LABEL
 
 
@@ -60,7 +61,7 @@ def layer_split_features(loaded, dm, data_cfg, layers: Sequence[Optional[str]], 
     from .ten_crop import ten_crop_loader
 
     data_key = json.dumps(OmegaConf.to_container(data_cfg, resolve=True), sort_keys=True)
-    loaders = {"train": dm.train_eval_dataloader,
+    loaders = {"train": lambda: bank_loader(dm),
                "val": (lambda: ten_crop_loader(dm, data_cfg)) if ten_crop else dm.val_dataloader}
     out = {}
     for split in splits:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.datamodule import bank_loader
 from .cluster import cluster_alignment
 from .features import extract_features, save_features
 from .knn import knn_evaluate
@@ -15,7 +16,7 @@ def evaluate_models(models: dict, dm, ks=(1, 20), device="cpu", cluster_seeds: i
     """Scores per named model on the held-out split (train split as k-NN bank / k-means / probe training)."""
     results = {}
     for name, model in models.items():
-        tr_x, tr_y = extract_features(model, dm.train_eval_dataloader(), device)
+        tr_x, tr_y = extract_features(model, bank_loader(dm), device)
         te_x, te_y = extract_features(model, dm.val_dataloader(), device)
         knn = knn_evaluate(tr_x, tr_y, te_x, te_y, ks=list(ks), num_classes=dm.num_classes)
         row = {f"{k}-NN": knn[f"top1_k{k}"] for k in ks}

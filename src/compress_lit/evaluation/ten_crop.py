@@ -25,6 +25,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from ..data.datamodule import bank_loader
+
 TEN_CROPS = 10
 LABEL = "10-crop"  # how tables label a 10-crop number
 
@@ -131,6 +133,9 @@ class TenCropValidation(pl.LightningDataModule):
 
     def train_eval_dataloader(self):
         return self.dm.train_eval_dataloader()
+
+    def bank_dataloader(self):
+        return bank_loader(self.dm)
 
 
 __all__ = ["LABEL", "TEN_CROPS", "StackCrops", "TenCropValidation", "TensorTenCrop", "average_crop_probabilities",
