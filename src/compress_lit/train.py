@@ -306,8 +306,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
         results = evaluate_models(models, dm, list(cfg.eval.knn_k), device, cfg.eval.cluster_seeds,
                                   cfg.eval.linear, run_dir if cfg.eval.save_features else None)
         print(f"\nTop-1 (%) on the held-out {cfg.data.name} split ({dm.num_val} images; k-NN bank, k-means and "
-              f"linear probe on the {dm.num_train} train images)\n{format_table(results, cfg.eval.cluster_seeds)}\n",
-              flush=True)
+              f"linear probe on the {len(dm.bank_dataset)} train images)\n"
+              f"{format_table(results, cfg.eval.cluster_seeds)}\n", flush=True)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     if trainer.is_global_zero:  # pictures, learning curves, results to the logger (W&B: summary, table, images)
         end_of_run(logger, run_dir, results, history.rows, pictures_of=module.student if results else None, dm=dm,
