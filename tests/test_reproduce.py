@@ -145,6 +145,7 @@ def test_the_quick_table_has_a_row_per_family_method(tmp_path, monkeypatch):
         return runs / tag, {"student": {m: score.get(method, 70.0) for m in rp.METRICS}}
 
     monkeypatch.setattr(rp, "_run_step", fake_step)
+    monkeypatch.setattr(rp, "build_teacher_cache", lambda step, runs: None)
     table = rp.run_reproduce(cfg)["resnet18_small"]
     assert [table[label]["1-NN"][0] for label in ("SEED", "SimReg", "DisCo")] == [68.0, 69.0, 70.0]
     md = (tmp_path / "table1_fashion_mnist_quick.md").read_text()

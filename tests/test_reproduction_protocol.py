@@ -407,7 +407,7 @@ def test_best_self_supervised_row_is_marked_and_references_never_are():
 
 
 # ----------------------------------------------------------------------------------- parallel steps, calibration
-def test_parallel_steps_run_each_command_once_and_the_cache_builder_first(tmp_path, monkeypatch):
+def test_parallel_steps_run_each_command_once_after_the_cache_is_built_alone(tmp_path, monkeypatch):
     import threading
 
     order, lock = [], threading.Lock()
@@ -418,14 +418,17 @@ def test_parallel_steps_run_each_command_once_and_the_cache_builder_first(tmp_pa
         return runs / tag, {"student (x)": {"1-NN": 1.0}}
 
     monkeypatch.setattr(rp, "_run_step", fake)
+    monkeypatch.setattr(rp, "build_teacher_cache", lambda step, runs: order.append(("cache for " + step.tag,
+                                                                                    None, True)))
     cfg = _preset(out_dir=str(tmp_path), jobs=2)
     steps = [rp.Step("a", "compress_lit.train", ["method=supervised"], True, method="supervised"),
              rp.Step("b", "compress_lit.train", ["method=compress_2q"], True, method="compress_2q"),
              rp.Step("b-again", "compress_lit.train", ["method=compress_2q"], True, method="compress_2q"),
              rp.Step("c", "compress_lit.train", ["method=crd"], True, method="crd")]
     res = rp.execute(cfg, steps, tmp_path)
-    assert order[0][0] == "b" and order[0][1] is None  # the first cached method alone, all threads
-    assert sorted(t for t, _, _ in order) == ["a", "b", "c"]  # the duplicate ran once
+    assert order[0][0] == "cache for b"  # the cache of the first cached method, alone, before any run
+    assert sorted(t for t, _, _ in order[1:]) == ["a", "b", "c"]  # the duplicate ran once
+    # every run, the cached ones included, with the pool's thread count: none depends on who built the cache
     assert all(th == max(1, (__import__("os").cpu_count() or 1) // 2) and lf for t, th, lf in order[1:])
     assert res[2] is res[1]
 
@@ -451,6 +454,7 @@ def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch)
         return runs / tag, {"student (x)": {"1-NN": v, "20-NN": v, "cluster": 1.0, "linear": lin}}
 
     monkeypatch.setattr(rp, "_run_step", fake)
+    monkeypatch.setattr(rp, "build_teacher_cache", lambda step, runs: None)
     groups = rp.run_calibration(cal, tmp_path, tmp_path)
     chosen = {g: [c["label"] for c in cands if c["chosen"]] for g, cands in groups.items()}
     assert chosen["learning rate (CompReSS-2q, T 0.04, m 0.99)"] == ["lr 0.1"]  # 83 > 82
@@ -575,3 +579,26 @@ def test_supervised_rows_get_their_classifier_accuracy_once_per_run(tmp_path, mo
     assert len(calls) == 2  # kept in <run>/classifier.json, not recomputed
     md = rp.markdown_table(table, {"data": "d", "command": "c", "teacher": "t", "student_args": "s", "seeds": [0, 1]})
     assert "its own classifier on the test split: top-1 89.50 ± 0.71 (2 runs)" in md
+
+
+def test_the_teacher_cache_is_built_by_cache_features_with_the_steps_command_line(tmp_path, monkeypatch):
+    import types
+
+    calls = []
+
+    def fake_run(cmd, env=None, stdout=None, stderr=None):
+        calls.append((cmd, env))
+        return types.SimpleNamespace(returncode=len(calls) - 1)  # the first call succeeds, the second fails
+
+    monkeypatch.setattr(rp.subprocess, "run", fake_run)
+    st = rp.Step("alexnet_small-regression-s0", "compress_lit.train", ["method=regression", "teacher.cached=true"],
+                 True, method="regression", teacher="c" * 64)
+    rp.build_teacher_cache(st, tmp_path)
+    cmd, env = calls[0]
+    key = rp.step_key(st.module, st.args, st.teacher)
+    assert cmd[1:] == ["-m", "compress_lit.cache_features", "method=regression", "teacher.cached=true",
+                       f"hydra.run.dir={tmp_path / f'teacher-cache-{key}'}"]
+    assert env is None  # every thread: no OMP_NUM_THREADS of the pool
+    assert not list(tmp_path.glob("*/results.json"))  # not a run of the table
+    with pytest.raises(rp.StepFailed, match="building the teacher cache failed.*step.log"):
+        rp.build_teacher_cache(st, tmp_path)

@@ -576,9 +576,29 @@ def plan_steps(cfg: DictConfig, teacher_ckpt: Path, teacher: str = "") -> list[S
     return steps
 
 
+def build_teacher_cache(step: Step, runs: Path) -> None:
+    """The teacher's feature cache that ``step`` reads, built (or found complete) by ``compress_lit.cache_features``
+    with the step's own command line and every thread, before the parallel runs start. Every run that reads it then
+    trains with the pool's thread count, so no run's numbers depend on whether it happened to build the cache
+    (a different thread count sums in a different order). Its log: ``<runs>/teacher-cache-<key>/step.log``."""
+    key = step_key(step.module, step.args, step.teacher)
+    log_dir = runs / f"teacher-cache-{key}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "compress_lit.cache_features", *step.args, f"hydra.run.dir={log_dir}"]
+    print(f"[reproduce] teacher cache (for {step.tag} and the others that read it): {' '.join(cmd[1:])}", flush=True)
+    t0 = time.time()
+    with open(log_dir / "step.log", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = (log_dir / "step.log").read_text(errors="replace").strip().splitlines()[-5:]
+        print("\n".join(f"[reproduce] teacher cache | {line}" for line in tail), flush=True)
+        raise StepFailed(f"building the teacher cache failed (exit status {rc}; its log: {log_dir / 'step.log'})")
+    print(f"[reproduce] teacher cache: done in {time.time() - t0:.0f} s", flush=True)
+
+
 def execute(cfg: DictConfig, steps: list[Step], runs: Path) -> list[dict | None]:
-    """Run the steps (``jobs`` at a time); the first step that builds the teacher cache runs alone first, so that
-    parallel steps never build it twice."""
+    """Run the steps (``jobs`` at a time, one thread each); the teacher cache the cached methods read is built
+    first, alone with every thread (:func:`build_teacher_cache`), so that parallel steps never build it twice."""
     results: list[dict | None] = [None] * len(steps)
     jobs = max(1, int(cfg.jobs))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
@@ -596,10 +616,7 @@ def execute(cfg: DictConfig, steps: list[Step], runs: Path) -> list[dict | None]
             todo.append(i)
     first_cached = next((i for i in todo if steps[i].method in cfg.cached_methods), None)
     if first_cached is not None:
-        st = steps[first_cached]
-        results[first_cached] = _run_step(st.module, st.args, runs, st.tag, False, threads=None, log_file=True,
-                                          teacher=st.teacher)[1]
-        todo.remove(first_cached)
+        build_teacher_cache(steps[first_cached], runs)
     if todo:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = {i: pool.submit(_run_step, steps[i].module, steps[i].args, runs, steps[i].tag, False,
