@@ -160,7 +160,6 @@ class CompressDataModule(pl.LightningDataModule):
         return self._loader(self.train_dataset_eval, int(self.cfg.eval_batch_size), shuffle=False,
                             drop_last=False, persistent=False)
 
-
     def bank_dataloader(self) -> DataLoader:
         """:attr:`bank_dataset`, in order (not persistent, like ``train_eval_dataloader``)."""
         return self._loader(self.bank_dataset, int(self.cfg.eval_batch_size), shuffle=False, drop_last=False,
@@ -169,7 +168,7 @@ class CompressDataModule(pl.LightningDataModule):
 
 def bank_loader(dm) -> DataLoader:
     """The evaluation's train-side loader of any datamodule: ``bank_dataloader()`` where it has one, else its
-    ``train_eval_dataloader()`` (VOC, the 10-crop wrapper)."""
+    ``train_eval_dataloader()`` (e.g. VOC's)."""
     fn = getattr(dm, "bank_dataloader", None)
     return fn() if fn is not None else dm.train_eval_dataloader()
 
