@@ -203,6 +203,37 @@ def test_weights_hash_ignores_what_lightning_stores_beside_the_weights(tmp_path)
     assert rp.weights_sha256(a) == h.hexdigest()
 
 
+def test_the_released_teacher_is_its_backbone_with_the_same_weights_hash_and_loads_as_a_teacher(tmp_path):
+    from compress_lit.teachers.formats.compress_lit import map_compress_lit
+
+    net = build_backbone("convnet", small_input=True, width_multiplier=0.25)
+    sd = {f"backbone.{k}": v for k, v in net.state_dict().items()}
+    full = {"state_dict": {**sd, **{f"backbone_momentum.{k}": v + 1 for k, v in net.state_dict().items()},
+                           "queue": torch.randn(8, 4), "projector.0.weight": torch.randn(4, 4)},
+            "optimizer_states": [{"state": {0: torch.randn(100)}}], "callbacks": {"dirpath": "/a/checkout"},
+            "epoch": 19, "global_step": 4680}
+    ckpt = tmp_path / "full_teacher.ckpt"
+    torch.save(full, ckpt)
+    before, size = rp.weights_sha256(ckpt), ckpt.stat().st_size
+    rp.release_teacher(ckpt)
+    rel = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert set(rel) == {"state_dict", "epoch", "global_step"} and rel["global_step"] == 4680
+    assert sorted(rel["state_dict"]) == sorted(sd) and all(torch.equal(rel["state_dict"][k], sd[k]) for k in sd)
+    assert ckpt.stat().st_size < size and rp.weights_sha256(ckpt) == before  # the same teacher
+    fresh = build_backbone("convnet", small_input=True, width_multiplier=0.25)
+    mapped = {dst: v for _, dst, v in map_compress_lit(rel, fresh) if dst is not None}
+    fresh.load_state_dict(mapped)  # every backbone weight, nothing else
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in net.state_dict().items())
+    # training state beside the backbone is not the teacher; a backbone weight is
+    full["state_dict"]["queue"] = torch.zeros(8, 4)
+    torch.save(full, tmp_path / "other_queue.ckpt")
+    assert rp.weights_sha256(tmp_path / "other_queue.ckpt") == before
+    first = next(iter(sd))
+    full["state_dict"][first] = sd[first] + 1e-3
+    torch.save(full, tmp_path / "other_weights.ckpt")
+    assert rp.weights_sha256(tmp_path / "other_weights.ckpt") != before
+
+
 def test_a_different_teacher_at_the_same_path_never_reuses_student_runs(tmp_path):
     cfg = _preset(out_dir=str(tmp_path))
     one, two = rp.plan_steps(cfg, Path("t.ckpt"), "a" * 64), rp.plan_steps(cfg, Path("t.ckpt"), "b" * 64)

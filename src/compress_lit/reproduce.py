@@ -440,15 +440,36 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def weights_sha256(ckpt: Path) -> str:
-    """SHA-256 of a checkpoint's weights alone: each tensor of its ``state_dict`` (or of the file, for a bare state
-    dict) in key order, with its name, dtype and shape. The file's own SHA-256 also covers what Lightning stores
-    beside the weights (the run directory's absolute path among them), so the same teacher rebuilt in another
-    checkout has another file hash but this same weights hash."""
+def teacher_tensors(obj) -> dict:
+    """The tensors a checkpoint's teacher is: the ``backbone.*`` entries of a pretraining checkpoint's
+    ``state_dict`` (what the compress_lit teacher format loads; its momentum copy, projector, queue and optimizer
+    state are training state), else every entry of it (or of a bare state dict)."""
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    backbone = {k: v for k, v in sd.items() if k.startswith("backbone.")}
+    return backbone or dict(sd)
+
+
+def release_teacher(ckpt: Path) -> None:
+    """Rewrite a freshly pretrained teacher in its release form, in place and atomically: ``{'state_dict':
+    backbone.* tensors, 'epoch', 'global_step'}``, about a quarter of the Lightning checkpoint (the full one stays
+    in the teacher's run directory). Its weights hash does not change (:func:`teacher_tensors`)."""
     import torch
 
     obj = torch.load(ckpt, map_location="cpu", weights_only=False)  # a teacher this command built itself
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    release = {"state_dict": teacher_tensors(obj), **{k: obj[k] for k in ("epoch", "global_step") if k in obj}}
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    torch.save(release, tmp)
+    os.replace(tmp, ckpt)
+
+
+def weights_sha256(ckpt: Path) -> str:
+    """SHA-256 of a checkpoint's teacher weights alone (:func:`teacher_tensors`), each tensor in key order with its
+    name, dtype and shape. The file's own SHA-256 also covers what Lightning stores beside the weights (the run
+    directory's absolute path among them), so the same teacher rebuilt in another checkout, or released
+    (:func:`release_teacher`), has another file hash but this same weights hash."""
+    import torch
+
+    sd = teacher_tensors(torch.load(ckpt, map_location="cpu", weights_only=False))  # a teacher this command built
     h = hashlib.sha256()
     for k in sorted(sd):
         t = sd[k]
@@ -507,8 +528,11 @@ def ensure_teacher(cfg: DictConfig, out: Path) -> tuple[Path, dict | None]:
         from .safety import atomic_copy
 
         atomic_copy(run_dir / "checkpoints" / "last.ckpt", ckpt)
+    release_teacher(ckpt)
     record = {"key": key, "command": f"python -m compress_lit.pretrain {' '.join(t_args)}",
               "sha256": _sha256(ckpt), "weights_sha256": weights_sha256(ckpt), "bytes": ckpt.stat().st_size,
+              "release": "the backbone's weights only (reproduce.release_teacher); the full Lightning checkpoint "
+                         "is the run's checkpoints/last.ckpt",
               "results": res,
               "seconds_this_call": round(time.time() - t0, 1)}
     from .safety import atomic_write_bytes
