@@ -136,3 +136,34 @@ def test_a_finished_step_records_its_seconds_and_command(tmp_path, monkeypatch):
     assert step["command"] == "python -m compress_lit.train method=cc seed=1"
     save_progress(tmp_path, tmp_path / "p.json")
     assert load_progress(tmp_path / "p.json")[run_dir.name]["step.json"] == step
+
+
+def test_record_part_records_the_finished_runs_and_writes_nothing_else(tmp_path):
+    _finished(tmp_path / "runs", "x-s0-0000000000", {"student (x)": {"1-NN": 1.0}})
+    cfg = _preset(out_dir=str(tmp_path), part="record", progress=str(tmp_path / "p.json"))
+    assert rp.run_reproduce(cfg) == {"recorded": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "runs"]  # no teacher, no table
+    with pytest.raises(ConfigError, match="part=record .* add progress=<file>"):
+        rp.run_reproduce(_preset(out_dir=str(tmp_path), part="record"))
+
+
+def test_a_supervised_step_keeps_its_classifier_accuracy_while_its_checkpoint_is_there(tmp_path, monkeypatch):
+    import types
+
+    import compress_lit.evaluation.classifier as clf
+
+    def fake_run(cmd, env=None, **kw):
+        run_dir = Path(next(a.split("=", 1)[1] for a in cmd if a.startswith("hydra.run.dir=")))
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+        (run_dir / "results.json").write_text("{}")
+        return types.SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(rp.subprocess, "run", fake_run)
+    monkeypatch.setattr(clf, "classifier_accuracy", lambda p: {"top1": 91.5, "checkpoint": str(p)})
+    sup, _ = rp._run_step("compress_lit.train", ["method=supervised"], tmp_path, "sup", dry=False)
+    other, _ = rp._run_step("compress_lit.train", ["method=cc"], tmp_path, "cc", dry=False)
+    assert json.loads((sup / "classifier.json").read_text())["top1"] == 91.5
+    assert not (other / "classifier.json").exists()
+    save_progress(tmp_path, tmp_path / "p.json")
+    assert load_progress(tmp_path / "p.json")[sup.name]["classifier.json"]["top1"] == 91.5

@@ -103,7 +103,8 @@ class ReproduceConfig:
     family_methods: list[str] = field(default_factory=list)
     # main: the teacher and `methods`; family: `family_methods` (the main rows are read from their finished runs,
     # never run); all: both; teacher: only build (or check) the teacher (`make reproduce-teacher`); table: run
-    # nothing, write the table from the runs finished so far (an interrupted reproduction's progress)
+    # nothing, write the table from the runs finished so far (an interrupted reproduction's progress); record: run
+    # and write nothing, only record the finished runs into `progress` (after a run was stopped by force)
     part: str = "all"
     # which preset's teacher to use (default: this preset's own, results/teacher/<name>_teacher.ckpt)
     teacher_name: Optional[str] = None
@@ -193,6 +194,8 @@ def _run_step(module: str, args: list[str], runs: Path, tag: str, dry: bool, thr
         where = f"; its log: {run_dir / 'step.log'}" if log_file else "; its message is above"
         raise StepFailed(f"step {tag} failed (exit status {rc}{where}): python -m {module} {' '.join(args)}")
     seconds = time.time() - t0
+    if module == "compress_lit.train" and "method=supervised" in args:
+        keep_classifier_accuracy(run_dir)  # while its checkpoint is here: a progress record carries it elsewhere
     (run_dir / "step.json").write_text(json.dumps({"seconds": round(seconds, 1), "threads": threads,
                                                    "command": " ".join(["python", "-m", module, *args])}))
     print(f"[reproduce] {tag}: done in {seconds:.0f} s", flush=True)
@@ -429,7 +432,7 @@ def run_ablation(cfg: DictConfig, runs: Path, teacher_ckpt: Path, out: Path, tea
     return table
 
 
-PARTS = ("all", "main", "family", "teacher", "table")
+PARTS = ("all", "main", "family", "teacher", "table", "record")
 
 
 def _sha256(path: Path) -> str:
@@ -699,21 +702,29 @@ def table_rows(cfg: DictConfig, steps: list[Step], results: list[dict | None]) -
     return table
 
 
-def add_classifier_accuracy(table: dict, steps: list[Step], results: list[dict | None], runs: Path) -> None:
-    """The supervised rows' own classifier on the test split (evaluation/classifier.py), from each finished run's
-    last checkpoint, kept in ``<run>/classifier.json``; added to the row as ``classifier`` (mean, std, runs)."""
+def keep_classifier_accuracy(run_dir: Path) -> None:
+    """A supervised run's own classifier on the test split, from its last checkpoint, kept in
+    ``<run>/classifier.json`` (computed once; nothing when the checkpoint is gone)."""
     from .evaluation.classifier import classifier_accuracy
 
+    kept, ckpt = run_dir / "classifier.json", run_dir / "checkpoints" / "last.ckpt"
+    if not kept.exists() and ckpt.exists():
+        kept.write_text(json.dumps(classifier_accuracy(ckpt)))
+
+
+def add_classifier_accuracy(table: dict, steps: list[Step], results: list[dict | None], runs: Path) -> None:
+    """The supervised rows' own classifier on the test split (evaluation/classifier.py), from each finished run's
+    last checkpoint (:func:`keep_classifier_accuracy`) or its progress record; added to the row as ``classifier``
+    (mean, std, runs)."""
     per: dict[str, list[float]] = {}
     for st, res in zip(steps, results):
         if st.method != "supervised" or res is None:
             continue
         run_dir = _find_done(runs, st.tag, step_key(st.module, st.args, st.teacher)).parent
-        kept, ckpt = run_dir / "classifier.json", run_dir / "checkpoints" / "last.ckpt"
+        keep_classifier_accuracy(run_dir)
+        kept = run_dir / "classifier.json"
         if not kept.exists():
-            if not ckpt.exists():
-                continue
-            kept.write_text(json.dumps(classifier_accuracy(ckpt)))
+            continue
         per.setdefault(st.student, []).append(json.loads(kept.read_text())["top1"])
     for student, vals in per.items():
         if "supervised" in table.get(student, {}):
@@ -723,14 +734,20 @@ def add_classifier_accuracy(table: dict, steps: list[Step], results: list[dict |
 
 
 def run_reproduce(cfg: DictConfig) -> dict:
+    from .config import ConfigError
+
     check_mandatory(cfg, {"name": "reproduce_preset=full|quick|calibrate (or name=<label>)"})
     if cfg.part not in PARTS:
-        from .config import ConfigError
-
         raise ConfigError(f"part={cfg.part!r} is invalid: choose one of {list(PARTS)}")
     out = Path(cfg.out_dir)
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
+    if cfg.part == "record":
+        if not cfg.progress:
+            raise ConfigError("part=record writes the finished runs into a progress file: add progress=<file>")
+        n = save_progress(runs, Path(cfg.progress))
+        print(f"[reproduce] progress={cfg.progress}: {n} finished runs recorded", flush=True)
+        return {"recorded": n}
     if cfg.candidates:
         return run_calibration(cfg, runs, out)
     teacher_ckpt, t_res = ensure_teacher(cfg, out)  # every part: reused when its hash matches, else built
