@@ -3,7 +3,8 @@
 Usage: ``python tests/scripts/check_demo_numbers.py <run dir of the demo> [README.md]``. The table is rebuilt from
 the run's ``results.json`` and ``.hydra/config.yaml`` with the same formatting the demo prints
 (``compress_lit.evaluation.suite.format_table``) and must appear, character for character, in the README's demo
-block. Exit 1 with both tables on a mismatch.
+block, which holds one table per CPU it was measured on (CPU kernels sum in another order on another CPU, so the
+numbers differ). Exit 1 with both on a mismatch.
 """
 from __future__ import annotations
 
