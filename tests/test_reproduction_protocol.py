@@ -469,7 +469,7 @@ def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch)
 
     cal = _preset("calibrate", out_dir=str(tmp_path))
     sup = [c.label for c in cal.candidates if c.method == "supervised"]
-    assert sup == ["10 epochs", "20 epochs", "40 epochs", "80 epochs"]  # the preset's convergence search
+    assert sup == ["10 epochs", "20 epochs", "40 epochs", "80 epochs", "160 epochs"]  # the preset's convergence search
     monkeypatch.setattr(rp, "ensure_teacher", lambda cfg, out: (Path("t.ckpt"), None))
     lr = {"optim.lr=0.02": 80.0, "optim.lr=0.1": 83.0}
 
@@ -479,8 +479,8 @@ def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch)
             v = lr.get(a_, v)
         if "method.temperature=0.02" in args:
             v = 20.0  # a collapse
-        # supervised accuracy still rising with epochs, by less and less: 85 / 87.8 / 88.0 / 88.2
-        lin = {"optim.epochs=20": 87.8, "optim.epochs=40": 88.0, "optim.epochs=80": 88.2}
+        # supervised accuracy still rising with epochs, by less and less: 85 / 87.8 / 88.0 / 88.2 / 88.3
+        lin = {"optim.epochs=20": 87.8, "optim.epochs=40": 88.0, "optim.epochs=80": 88.2, "optim.epochs=160": 88.3}
         lin = next((lin[a_] for a_ in args if a_ in lin), 85.0)
         return runs / tag, {"student (x)": {"1-NN": v, "20-NN": v, "cluster": 1.0, "linear": lin}}
 
@@ -490,7 +490,7 @@ def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch)
     chosen = {g: [c["label"] for c in cands if c["chosen"]] for g, cands in groups.items()}
     assert chosen["learning rate (CompReSS-2q, T 0.04, m 0.99)"] == ["lr 0.1"]  # 83 > 82
     assert chosen["CompReSS temperature (2q, lr 0.05)"] == ["T 0.04 (the paper's)"]
-    # a convergence search (within 0.5): the best is 80 epochs (88.2), the first within 0.5 of it is 20 (87.8)
+    # a convergence search (within 0.5): the best is 160 epochs (88.3), the first within 0.5 of it is 20 (87.8)
     assert next(v for g, v in chosen.items() if g.startswith("supervised")) == ["20 epochs"]
     md = (tmp_path / "calibration_fashion_mnist.md").read_text()
     assert "| T 0.02 | `method.temperature=0.02` | 20.00 | 20.00 | 85.00 |  |" in md  # one seed: no "± 0.00"
@@ -501,7 +501,7 @@ def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch)
     # every candidate of a group must share metric and within; a negative tolerance is refused
     mixed = cal
     mixed.candidates[-1].within = 1.0
-    with pytest.raises(ConfigError, match=r"candidates\[\d+\] \('80 epochs'\).*same metric and within"):
+    with pytest.raises(ConfigError, match=r"candidates\[\d+\] \('160 epochs'\).*same metric and within"):
         rp.run_calibration(mixed, tmp_path, tmp_path)
     mixed.candidates[0].within = -1.0
     with pytest.raises(ConfigError, match=r"candidates\[0\]\.within must be >= 0"):
