@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
 from compress_lit.config import register_configs
-from compress_lit.safety import AtomicCheckpointIO, StartupError, atomic_copy, check_writable
+from compress_lit.safety import AtomicCheckpointIO, DiskFullError, StartupError, atomic_copy, check_writable
 from compress_lit.train import build_trainer
 from test_methods import FixedBatch, make_module
 
@@ -76,7 +76,7 @@ def test_checkpoint_write_failure_leaves_the_previous_checkpoint_intact(tmp_path
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFullError, match=f"disk full while writing the checkpoint {path}"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 1}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert path.read_bytes() == good and torch.load(path)["epoch"] == 0

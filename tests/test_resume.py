@@ -57,10 +57,12 @@ def test_sigkill_mid_epoch_then_resume_auto_equals_uninterrupted_run(tmp_path):
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 0  # only epoch 0 had been saved
+    # normally only epoch 0 had been saved; on a busy machine this poll may come late, after epoch 1's checkpoint
+    saved_epoch = torch.load(ckpt, weights_only=True)["epoch"]
+    assert saved_epoch in (0, 1)
 
     logged_before = max(_step_losses(killed_dir))
-    assert logged_before >= 40  # steps after the epoch-0 checkpoint (32) were logged, and will be run again
+    assert logged_before >= 32 * (saved_epoch + 1)  # steps after the checkpoint were logged, and will be run again
 
     resumed = subprocess.run(_cmd(resumed_dir, "resume=auto"), cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=600)
@@ -97,7 +99,9 @@ def test_slurm_requeue_signal_saves_requeues_and_the_requeued_job_continues(tmp_
     bindir.mkdir()
     calls = tmp_path / "scontrol_calls.txt"
     scontrol = bindir / "scontrol"
-    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    # the stand-in records the call and stops the job there (as SLURM ends it soon after): whatever the load on the
+    # machine, the job cannot run on to the epoch's checkpoint, which would then be newer than hpc_ckpt_1.ckpt
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\nkill -STOP $PPID\n")
     scontrol.chmod(0o755)
     env = dict(_env(tmp_path), PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", SLURM_NTASKS="1",
                SLURM_JOB_NAME="compress", SLURM_JOB_ID="4242", SLURM_PROCID="0", SLURM_LOCALID="0",
@@ -113,7 +117,6 @@ def test_slurm_requeue_signal_saves_requeues_and_the_requeued_job_continues(tmp_
     hpc = run_dir / "hpc_ckpt_1.ckpt"
     while time.time() < deadline and not (calls.exists() and hpc.exists()):
         time.sleep(0.05)
-    time.sleep(0.5)
     os.kill(proc.pid, signal.SIGKILL)  # SLURM ends the job
     proc.wait()
     assert calls.read_text().split() == ["requeue", "4242"]

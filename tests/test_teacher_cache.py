@@ -310,3 +310,84 @@ def test_sharded_computation_equals_one_process(teacher_ckpt, tmp_path, ref):
     assert final["complete"] and final["done"] == N and not list(path.glob("progress.*"))
     assert (path / FEATURES_FILE).read_bytes() == one
     assert json.loads((path / "meta.json").read_text())["teacher"] == ref_meta["teacher"]
+
+
+# ---- the identity is complete; a damaged cache is one line and repaired; a full disk leaves nothing trusted ----
+def _train_cfg(teacher_ckpt, cache_dir, *extra):
+    return cfg_of("train", *overrides(teacher_ckpt, cache_dir, "teacher.cached=true", *extra))
+
+
+def _dm(cfg):
+    dm = build_datamodule(cfg.data)
+    dm.setup("fit")
+    return dm
+
+
+def test_the_cache_knows_exactly_which_images_the_teacher_saw(teacher_ckpt, ref):
+    """data.val_fraction decides which digits form the train split: the same train_subset size over another
+    split is other images, and is refused (the sample fingerprint); the same split opens."""
+    cache_dir, cfg, meta = ref
+    assert meta["data"]["samples"] == _dm(cfg).train_dataset_eval.fingerprint()
+    train_mod.cached_teacher(_train_cfg(teacher_ckpt, cache_dir), _dm(_train_cfg(teacher_ckpt, cache_dir)))
+    other = _train_cfg(teacher_ckpt, cache_dir, "data.val_fraction=0.25")
+    dm = _dm(other)
+    assert dm.num_train == N  # same size, other images
+    with pytest.raises(TeacherCacheError, match=r"data\.samples: cached '[0-9a-f]{64}' vs expected"):
+        train_mod.cached_teacher(other, dm)
+
+
+def test_a_swapped_teacher_file_of_the_same_size_and_mtime_is_refused(teacher_ckpt, tmp_path):
+    ckpt = tmp_path / "teacher.pt"
+    shutil.copy(teacher_ckpt, ckpt)
+    cfg, meta = build(ckpt, tmp_path / "c")
+    st = os.stat(ckpt)
+    torch.manual_seed(1)  # other weights, same architecture and archive name: the same file size
+    (tmp_path / "other").mkdir()
+    torch.save(build_backbone("resnet18", small_input=True, width_multiplier=0.25).state_dict(),
+               tmp_path / "other" / teacher_ckpt.name)
+    shutil.copyfile(tmp_path / "other" / teacher_ckpt.name, ckpt)
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(ckpt).st_size == st.st_size and os.stat(ckpt).st_mtime_ns == st.st_mtime_ns
+    tcfg = _train_cfg(ckpt, tmp_path / "c")
+    with pytest.raises(TeacherCacheError, match=r"teacher\.checkpoint_weights: cached '[0-9a-f]{64}' vs expected"):
+        train_mod.cached_teacher(tcfg, _dm(tcfg))
+
+
+def test_a_truncated_features_file_is_one_line_and_a_rebuild_repairs_it(teacher_ckpt, tmp_path, ref):
+    cfg, meta = build(teacher_ckpt, tmp_path / "t")
+    path = cache_path(cfg)
+    whole = (path / FEATURES_FILE).read_bytes()
+    (path / FEATURES_FILE).write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(TeacherCacheError, match=r"features\.npy is truncated or damaged .* rebuilds it$"):
+        open_cache(path, expected_meta(cfg.teacher, cfg.data, N, seed=cfg.seed))
+    _, again = build(teacher_ckpt, tmp_path / "t")  # what `compress_lit.cache_features` does
+    assert again["complete"] and (path / FEATURES_FILE).read_bytes() == whole
+    open_cache(path, expected_meta(cfg.teacher, cfg.data, N, seed=cfg.seed))
+
+
+def test_a_truncated_meta_json_is_rebuilt_not_refused_forever(teacher_ckpt, tmp_path):
+    cfg, meta = build(teacher_ckpt, tmp_path / "m")
+    path = cache_path(cfg)
+    whole = (path / FEATURES_FILE).read_bytes()
+    text = (path / "meta.json").read_text()
+    (path / "meta.json").write_text(text[: len(text) // 3])
+    with pytest.raises(TeacherCacheError, match="cannot be read"):
+        open_cache(path, expected_meta(cfg.teacher, cfg.data, N, seed=cfg.seed))
+    _, again = build(teacher_ckpt, tmp_path / "m")
+    assert again["complete"] and (path / FEATURES_FILE).read_bytes() == whole
+
+
+def test_a_full_disk_while_building_is_one_line_and_leaves_nothing_trusted(teacher_ckpt, tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(TeacherCacheError, match=r"disk full: the teacher feature cache .*features\.npy needs "
+                                                r"0\.00 GiB, [0-9.]+ GiB are free"):
+        build(teacher_ckpt, tmp_path / "f")
+    monkeypatch.undo()
+    cfg = cfg_of("cache_features", *overrides(teacher_ckpt, tmp_path / "f"))
+    with pytest.raises(TeacherCacheError, match=r"complete: cached False"):
+        open_cache(cache_path(cfg), expected_meta(cfg.teacher, cfg.data, N, seed=cfg.seed))

@@ -45,6 +45,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
 from .paths import config_dir
+from .safety import load_torch_file
 from .startup import USER_ERRORS, check_mandatory, run_entry
 
 log = logging.getLogger("compress_lit.export")
@@ -107,15 +108,7 @@ def read_checkpoint_info(path: str | os.PathLike) -> tuple[dict, list[str]]:
     """(the resolved training config, the top-level state_dict prefixes) of one of our checkpoints, read lazily
     (memory-mapped: the queues of a large checkpoint are not read)."""
     p = Path(os.path.expanduser(str(path)))
-    if not p.is_file():
-        raise ExportError(f"checkpoint {p} not found" if not p.exists() else f"checkpoint {p} is not a file")
-    try:
-        try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)  # trusted: our own checkpoint
-        except RuntimeError:  # not a zip-format file: no mmap
-            ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ExportError(f"checkpoint {p} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    ckpt = load_torch_file(p, "checkpoint", mmap=True)  # weights only: a malicious file runs nothing
     try:
         config = ckpt["hyper_parameters"]["config"]
         state = ckpt["state_dict"]

@@ -45,7 +45,9 @@ def _csv_logger(save_dir: str, flush_every_n_steps: int, history: list[dict] | N
     from pytorch_lightning.loggers import CSVLogger
 
     class ContinuedCSVLogger(CSVLogger):
-        """A CSVLogger whose ``metrics.csv`` starts with ``history`` (the resumed run's earlier rows)."""
+        """A CSVLogger continuing a run in place: when it first writes, the earlier ``metrics.csv`` and
+        ``hparams.yaml`` are replaced, the new file starting with ``history`` (the rows logged before the
+        checkpoint's step). Until then the earlier files stay as they were (a resume that fails changes nothing)."""
 
         def __init__(self, *args, history: list[dict] | None = None, **kw):
             super().__init__(*args, **kw)
@@ -53,15 +55,18 @@ def _csv_logger(save_dir: str, flush_every_n_steps: int, history: list[dict] | N
 
         @property
         def experiment(self):
-            fresh = self._experiment is None
-            exp = super().experiment
-            if fresh and self._history and hasattr(exp, "metrics"):
-                exp.metrics[:0] = self._history  # written with the first flush, before the new rows
-                self._history = []
-            return exp
+            if self._experiment is None:
+                for stale in ("metrics.csv", "hparams.yaml"):
+                    Path(self.log_dir, stale).unlink(missing_ok=True)
+                exp = super().experiment
+                if self._history and hasattr(exp, "metrics"):
+                    exp.metrics[:0] = self._history  # written with the first flush, before the new rows
+                    self._history = []
+                return exp
+            return super().experiment
 
-    cls = ContinuedCSVLogger if history else CSVLogger
-    kw = {"history": history} if history else {}
+    cls = ContinuedCSVLogger if history is not None else CSVLogger
+    kw = {"history": history} if history is not None else {}
     return cls(save_dir, name="csv", version="", flush_logs_every_n_steps=flush_every_n_steps, **kw)
 
 
@@ -69,7 +74,8 @@ def build_logger(cfg, save_dir: str | Path, run_name: str | None = None, config:
                  group: str | None = None, history: list[dict] | None = None):
     """A Lightning logger from a LoggerConfig, or False for ``none``. ``group``: the W&B group when
     ``logger.group`` is null (a Hydra multirun passes the sweep's name, see reporting.hydra_run_identity).
-    ``history``: CSV rows a resumed run logged before its checkpoint, written first."""
+    ``history``: CSV rows a resumed run logged before its checkpoint, written first (None: a run that does not
+    continue a CSV log in place)."""
     save_dir = str(save_dir)
     if cfg.name == "none":
         return False

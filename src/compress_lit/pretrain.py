@@ -22,13 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from .config import register_configs, validate_pretrain, warn_queue_vs_data
 from .data import build_datamodule
 from .methods import MoCoV2
-from .resume import prepare_resume
+from .runtime.fit import fit
 from .reporting import end_of_run
 from .safety import atomic_copy, check_writable
 from .evaluation.suite import evaluate_models, format_table
 from .distributed import apply_batch_plan
 from .startup import check_accelerator, check_mandatory, run_entry
-from .train import CONF_DIR, build_run, build_student
+from .train import CONF_DIR, build_run, build_student, start_run
 
 log = logging.getLogger("compress_lit.pretrain")
 register_configs()
@@ -38,9 +38,8 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
     check_mandatory(cfg)
     validate_pretrain(cfg)
     check_accelerator(cfg.trainer)
-    resume = prepare_resume(cfg.resume, run_dir)  # resume=auto: continues in the earlier run's directory
+    resume = start_run(cfg, run_dir)  # one run per folder; resume=auto: continues in the earlier run's directory
     run_dir = resume.run_dir
-    check_writable(run_dir, "the run directory", cfg.safety.min_free_gb)
     if cfg.output:
         check_writable(Path(cfg.output).parent, "the output folder", cfg.safety.min_free_gb)
     pl.seed_everything(cfg.seed, workers=True)
@@ -55,7 +54,7 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
                     bn_splits=m.bn_splits,
                     config=OmegaConf.to_container(cfg, resolve=True))
     apply_batch_plan(cfg, trainer, module, logger)  # data.batch_size is global; the learning rate, stated
-    trainer.fit(module, datamodule=dm, ckpt_path=resume.checkpoint, weights_only=False)
+    fit(trainer, module, dm, resume.checkpoint, run_dir)  # weights-only resume; SIGTERM: checkpoint, exit 143
     last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.output and trainer.is_global_zero:
         atomic_copy(last, cfg.output)

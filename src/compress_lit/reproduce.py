@@ -30,6 +30,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from .run_records import restore_progress, save_progress
+from .safety import load_torch_file
 from .startup import USER_ERRORS, check_mandatory, run_entry
 from .teacher_check import bars_lines, run_teacher_check, teacher_bars
 from .train import CONF_DIR
@@ -458,7 +459,7 @@ def release_teacher(ckpt: Path) -> None:
     in the teacher's run directory). Its weights hash does not change (:func:`teacher_tensors`)."""
     import torch
 
-    obj = torch.load(ckpt, map_location="cpu", weights_only=False)  # a teacher this command built itself
+    obj = load_torch_file(ckpt, "the teacher checkpoint")  # weights only, as every file is read
     release = {"state_dict": teacher_tensors(obj), **{k: obj[k] for k in ("epoch", "global_step") if k in obj}}
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     torch.save(release, tmp)
@@ -472,7 +473,7 @@ def weights_sha256(ckpt: Path) -> str:
     (:func:`release_teacher`), has another file hash but this same weights hash."""
     import torch
 
-    sd = teacher_tensors(torch.load(ckpt, map_location="cpu", weights_only=False))  # a teacher this command built
+    sd = teacher_tensors(load_torch_file(ckpt, "the teacher checkpoint"))  # weights only: a swapped file runs nothing
     h = hashlib.sha256()
     for k in sorted(sd):
         t = sd[k]

@@ -38,6 +38,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .config import ConfigError
+from .safety import UnreadableFileError, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,22 @@ def _config_without_resume(path: Path):
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     cfg.pop("resume", None)
     return cfg
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """``ckpt_dir/last.ckpt`` when it is (or links to) a file; else, when it is missing or dangling (a write killed
+    between the epoch checkpoint and the link), the newest epoch checkpoint there. Temporary files of a killed
+    write (``.<name>.tmp<pid>``) are never candidates."""
+    last = ckpt_dir / "last.ckpt"
+    if last.is_file():
+        return last
+    epochs = [p for p in ckpt_dir.glob("*.ckpt") if p.is_file() and not p.name.startswith(".") and p != last]
+    if not epochs:
+        return None
+    newest = max(epochs, key=lambda p: p.stat().st_mtime)
+    log.info("resume: %s is %s; using the newest epoch checkpoint %s", last,
+             "a dangling link" if last.is_symlink() else "missing", newest.name)
+    return newest
 
 
 def find_auto_checkpoint(run_dir: Path) -> Path | None:
@@ -58,12 +75,13 @@ def find_auto_checkpoint(run_dir: Path) -> Path | None:
     # multirun/<entry>/<date>/<time>/<job number> → multirun/<entry>
     root = run_dir.parents[2] if run_dir.name.isdigit() else run_dir.parents[1]
     candidates = []
-    for ckpt in root.glob("**/checkpoints/last.ckpt"):
-        d = ckpt.parent.parent
+    for ckpt_dir in root.glob("**/checkpoints"):
+        d = ckpt_dir.parent
         if d.resolve() == run_dir.resolve() or not (d / ".hydra" / "config.yaml").exists():
             continue
-        if _config_without_resume(d / ".hydra" / "config.yaml") == target:
-            candidates.append(ckpt)
+        found = newest_checkpoint(ckpt_dir)
+        if found is not None and _config_without_resume(d / ".hydra" / "config.yaml") == target:
+            candidates.append(found)
     if not candidates:
         return None
     return max(candidates, key=lambda p: p.stat().st_mtime)
@@ -71,8 +89,11 @@ def find_auto_checkpoint(run_dir: Path) -> Path | None:
 
 def own_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint already in this run's directory (a requeued job): Lightning's ``hpc_ckpt_*.ckpt``
-    (saved on the SLURM requeue signal) or ``checkpoints/last.ckpt``."""
-    found = [*run_dir.glob("hpc_ckpt_*.ckpt"), *(run_dir / "checkpoints").glob("last.ckpt")]
+    (saved on the SLURM requeue signal or on SIGTERM) or ``checkpoints/last.ckpt`` (or the newest epoch
+    checkpoint when that link is missing or dangling)."""
+    found = [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if p.is_file()]
+    newest = newest_checkpoint(run_dir / "checkpoints")
+    found += [newest] if newest is not None else []
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
@@ -109,29 +130,76 @@ def _resolve(resume: str | None, run_dir: Path) -> tuple[str | None, Path]:
 class Resume:
     """Where a run starts from: ``checkpoint`` (None: fresh), the ``run_dir`` it writes to (the original run's
     directory for ``resume=auto``), and the ``metrics.csv`` rows logged there before the checkpoint's step
-    (``history``; the CSV logger writes them back first, see ``loggers.build_logger``)."""
+    (``history``, None when the run does not continue a CSV log in place; the CSV logger writes them back when it
+    first writes, see ``loggers.build_logger``, so a resume that fails before that leaves the file as it was)."""
     checkpoint: str | None
     run_dir: Path
-    history: list[dict[str, str]] = field(default_factory=list)
+    history: list[dict[str, str]] | None = None
+    teacher_fingerprint: str | None = None  # the teacher the checkpoint was trained with (distillation runs)
+
+    def check_teacher(self, fingerprint: str) -> None:
+        """A ``ConfigError`` when the checkpoint was trained with another teacher (before anything is written)."""
+        if self.teacher_fingerprint is not None and self.teacher_fingerprint != fingerprint:
+            raise ConfigError(f"resume: {self.checkpoint} was trained with another teacher (fingerprint "
+                              f"{self.teacher_fingerprint}, this run's teacher {fingerprint}): resume with the "
+                              f"teacher the run started with; nothing was changed")
 
 
-def prepare_resume(resume: str | None, run_dir: str | Path) -> Resume:
-    """Resolve ``resume`` for the run Hydra started in ``run_dir`` (see the module docstring): with
-    ``resume=auto`` and an earlier run's checkpoint, the run moves into that run's directory (Hydra's log file
-    follows, appending; the fresh directory is removed when it holds only Hydra's start-up files). When the
-    checkpoint lies in the directory the run writes to, the ``metrics.csv`` rows before its step are taken as
-    ``history`` (and the file removed, so that the CSV logger starts clean and writes them back)."""
+def prepare_resume(resume: str | None, run_dir: str | Path, config: dict | None = None) -> Resume:
+    """Resolve ``resume`` for the run Hydra started in ``run_dir`` (see the module docstring). The checkpoint is
+    read first (weights only: a malicious, truncated or foreign file is one ``ConfigError`` naming ``resume``),
+    and with ``resume=auto`` its stored config must be ``config`` (this run's resolved config, the ``resume`` key
+    aside): another run's checkpoint is refused naming the keys that differ. Only then does anything change on
+    disk: with ``resume=auto`` and an earlier run's checkpoint, the run moves into that run's directory (Hydra's
+    log file follows, appending; the fresh directory is removed when it holds only Hydra's start-up files); when
+    the checkpoint lies in the directory the run writes to, the ``metrics.csv`` rows before its step are read as
+    ``history`` (the file itself is replaced only when the resumed run first logs)."""
     fresh = Path(run_dir)
     ckpt, target = _resolve(resume, fresh)
+    if ckpt is None:
+        return Resume(None, target)
+    saved = read_resume_checkpoint(ckpt)
+    if resume == "auto" and config is not None:
+        check_same_config(ckpt, saved, config)
     if target.resolve() != fresh.resolve():
+        from .runtime import run_folder
+
+        run_folder.claim(target, resuming=True)  # refused while another process runs there
         continue_in(target, fresh)
-    history = []
-    if ckpt is not None and _inside(Path(ckpt), target):
-        history = take_metrics_history(target, checkpoint_step(ckpt))
+    history = None
+    if _inside(Path(ckpt), target):
+        history = metrics_history(target, int(saved.get("global_step", 0)))
         # the run's own checkpoints are there on purpose: Lightning's "not empty" warning would only confuse
         ckpt_dir = os.path.realpath(target / "checkpoints")  # as ModelCheckpoint names it
         warnings.filterwarnings("ignore", message=re.escape(f"Checkpoint directory {ckpt_dir} exists and is not empty"))
-    return Resume(ckpt, target, history)
+    return Resume(ckpt, target, history, saved.get("teacher_fingerprint"))
+
+
+def check_same_config(ckpt: str | Path, saved: dict, config: dict) -> None:
+    """``resume=auto`` continues a run only with that run's own config: a ``ConfigError`` naming the keys in which
+    the checkpoint's stored config (``hyper_parameters.config``) differs from ``config``."""
+    stored = (saved.get("hyper_parameters") or {}).get("config")
+    if not isinstance(stored, dict):
+        return  # a checkpoint of an older version without a stored config: the Hydra config matched
+    a, b = _flat({k: v for k, v in stored.items() if k != "resume"}), _flat({k: v for k, v in config.items()
+                                                                              if k != "resume"})
+    differ = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    if differ:
+        shown = ", ".join(f"{k} ({a.get(k, '<absent>')!r} there, {b.get(k, '<absent>')!r} now)" for k in differ[:3])
+        raise ConfigError(f"resume=auto: {ckpt} belongs to a run with another config ({shown}"
+                          f"{f' and {len(differ) - 3} more' if len(differ) > 3 else ''}): nothing was changed; "
+                          f"run with that run's settings, pass resume=<that checkpoint> to continue it with these, "
+                          f"or choose another hydra.run.dir")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -160,18 +228,19 @@ def continue_in(original: Path, fresh: Path) -> None:
     remove_if_only_hydra_files(fresh)
 
 
-def checkpoint_step(ckpt: str | Path) -> int:
-    """The ``global_step`` a Lightning checkpoint was saved at (read lazily: the tensors are memory-mapped)."""
-    try:
-        obj = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)  # trusted: our own checkpoint
-    except RuntimeError:  # not a zip-format file: no mmap
-        obj = torch.load(ckpt, map_location="cpu", weights_only=False)
-    return int(obj.get("global_step", 0))
+def read_resume_checkpoint(ckpt: str | Path, key: str = "resume") -> dict:
+    """The checkpoint a run resumes from, read weights-only and memory-mapped (``safety.load_torch_file``): a
+    malicious, truncated or foreign file is one ``ConfigError`` naming ``key`` before Lightning touches it."""
+    obj = load_torch_file(ckpt, key, mmap=True)
+    if not isinstance(obj, dict) or not {"state_dict", "global_step", "epoch"} <= set(obj):
+        raise UnreadableFileError(f"{key}={ckpt}: not a Lightning checkpoint of a compress_lit run (no state_dict, "
+                                  f"epoch and global_step)")
+    return obj
 
 
-def take_metrics_history(run_dir: Path, before_step: int) -> list[dict[str, str]]:
-    """The rows of ``<run_dir>/csv/metrics.csv`` logged before ``before_step`` (their non-empty cells), removing
-    the file and the CSV logger's ``hparams.yaml`` beside it (rewritten by the resumed run)."""
+def metrics_history(run_dir: Path, before_step: int) -> list[dict[str, str]]:
+    """The rows of ``<run_dir>/csv/metrics.csv`` logged before ``before_step`` (their non-empty cells). Nothing is
+    removed here: the resumed run's CSV logger replaces the file (and ``hparams.yaml``) when it first writes."""
     from .reporting import find_metrics_csv
 
     path = find_metrics_csv(run_dir)
@@ -182,10 +251,6 @@ def take_metrics_history(run_dir: Path, before_step: int) -> list[dict[str, str]
     # an end-of-run results row (eval/<model>/<metric>, see reporting.log_results) belongs to the finished part
     kept = [r for r in rows if _step(r) < before_step and not any(k.startswith("eval/") and k.count("/") > 1
                                                                   for k in r)]
-    path.unlink()
-    hparams = path.parent / "hparams.yaml"
-    if hparams.is_file():
-        hparams.unlink()
     log.info("resume: keeping %d of %d rows of %s (the steps before %d)", len(kept), len(rows), path, before_step)
     return kept
 
@@ -199,7 +264,10 @@ def _step(row: dict[str, str]) -> float:
 
 def collect_rng_states() -> dict:
     """Every global RNG a step draws from (data order, augmentations, dropout), to store in a checkpoint."""
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's state as plain values (a tensor for its keys): the checkpoint loads with weights_only=True
+    states = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                        int(has_gauss), float(gauss)], "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -210,7 +278,8 @@ def restore_rng_states(states: dict | None) -> None:
     if not states:
         return
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
+    name, keys, *rest = states["numpy"]  # a tensor (this format) or a uint32 array (checkpoints before it)
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 
 from .config import ConfigError
 from .data import DatasetError
+from .nonfinite import NonFiniteError
 from .safety import StartupError
 from .teachers import TeacherLoadError
 from .teachers.cache import TeacherCacheError
@@ -38,7 +39,7 @@ T = TypeVar("T")
 
 # errors whose message is written for the user: shown as one line, without a traceback, by every entry point
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DatasetError, TeacherLoadError, StartupError,
-                                                 TeacherCacheError)
+                                                 TeacherCacheError, NonFiniteError)
 
 # what to pass for a mandatory key, in the ConfigError that names it
 MANDATORY_HINTS = {
@@ -197,14 +198,16 @@ def write_to_run_log(run_dir: Path, message: str, name: str = "compress_lit", le
 
 
 def holds_only_hydra_files(run_dir: Path) -> bool:
-    """True when ``run_dir`` holds nothing but what Hydra writes at start-up: ``.hydra/`` and ``*.log`` files."""
+    """True when ``run_dir`` holds nothing but what Hydra writes at start-up: ``.hydra/`` and ``*.log`` files (and
+    the run folder's lock, ``runtime/run_folder.py``)."""
     try:
         entries = list(run_dir.iterdir())
     except OSError:
         return False
     if not any(e.name == ".hydra" and e.is_dir() for e in entries):
         return False
-    return all((e.name == ".hydra" and e.is_dir()) or (e.is_file() and e.suffix == ".log") for e in entries)
+    return all((e.name == ".hydra" and e.is_dir()) or (e.is_file() and (e.suffix == ".log" or e.name == ".run.lock"))
+               for e in entries)
 
 
 def close_run_log(run_dir: Path) -> None:
@@ -231,14 +234,20 @@ def run_entry(entry: str, body: Callable[[], T], run_dir: Optional[Path] = None,
     1 and one line on stderr: ``compress_lit.<entry>: <ErrorType>: <message>``."""
     quiet_known_noise()
     run_dir = Path(run_dir) if run_dir is not None else hydra_run_dir()
+    from .runtime import run_folder
+
     try:
         return body()
     except tuple(user_errors) as e:
         line = f"compress_lit.{entry}: {type(e).__name__}: {e}"
         if run_dir is not None and run_dir.exists():
             write_to_run_log(run_dir, line, name=f"compress_lit.{entry}")
-            remove_if_only_hydra_files(run_dir)
+            if not isinstance(e, run_folder.RunFolderInUse):  # the folder is the other run's
+                run_folder.abandon()  # a folder this run continued gets its earlier .hydra/ back
+                remove_if_only_hydra_files(run_dir)
         sys.exit(line)
+    finally:
+        run_folder.release_all()
 
 
 # ------------------------------------------------------------------------------------------- --help pages

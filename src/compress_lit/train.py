@@ -35,9 +35,12 @@ from .methods.disco import DisCo
 from .methods.seed import SEED
 from .methods.simreg import SimReg
 from .models import build_from_config
+from .nonfinite import WeightWatch
 from .paths import config_dir
 from .reporting import HistoryCallback, end_of_run, hydra_run_identity, rich_progress_bar
 from .resume import prepare_resume
+from .runtime import run_folder
+from .runtime.fit import SaveOnSigterm, fit
 from .safety import AtomicCheckpointIO, check_writable
 from .startup import (USER_ERRORS, check_accelerator, check_file, check_mandatory, quiet_known_noise,
                       run_entry)
@@ -160,8 +163,9 @@ def _run_overrides() -> list[str] | None:
 def cached_teacher(cfg: DictConfig, dm) -> torch.nn.Module:
     """``teacher.cached=true``: the teacher's features from the cache (teachers/cache.py) instead of the network.
 
-    The cache must have been built for this teacher (identity: name, arch, format, checkpoint path, size and
-    mtime), this data (name, size, image size, normalisation, split) and transform (centre crop, or
+    The cache must have been built for this teacher (identity: name, arch, format, checkpoint path, size, mtime
+    and the SHA-256 of the tensors in the file, so a swapped file is caught), exactly this train split (the fingerprint of
+    its resolved samples, besides name, size, image size, normalisation) and transform (centre crop, or
     ``teacher.cache_views`` seeded views; then the training set is wrapped in ``SeededViews``). A missing cache
     is built in-process when ``teacher.build_cache_if_missing=true``; otherwise the error gives the command."""
     validate_cache_config(cfg)
@@ -169,9 +173,15 @@ def cached_teacher(cfg: DictConfig, dm) -> torch.nn.Module:
         raise ConfigError("method=cc clusters the teacher's network outputs itself: it does not support "
                           "teacher.cached=true (it runs the teacher only once anyway)")
     path, views = cache_path(cfg), cache_views(cfg)
-    expected = expected_meta(cfg.teacher, cfg.data, dm.num_train, views, seed=cfg.seed)
+    if cfg.teacher.checkpoint and cfg.teacher.format != "random":
+        ensure_teacher_checkpoint(cfg.teacher)
+    samples = dm.train_dataset_eval.fingerprint()  # exactly the images of this run's train split
+
+    def expected():  # the checkpoint's weights hash is part of the teacher's identity (a swapped file is caught)
+        return expected_meta(cfg.teacher, cfg.data, dm.num_train, views, seed=cfg.seed, samples=samples)
+
     try:
-        teacher = open_cache(path, expected)
+        teacher = open_cache(path, expected())
     except CacheMissingError as e:
         if not cfg.teacher.build_cache_if_missing:
             overrides = _run_overrides()
@@ -181,16 +191,13 @@ def cached_teacher(cfg: DictConfig, dm) -> torch.nn.Module:
         from .cache_features import compute_for_config, local_device_and_autocast
 
         check_writable(path.parent, "the feature cache folder", cfg.safety.min_free_gb)
-        if cfg.teacher.checkpoint and cfg.teacher.format != "random":
-            ensure_teacher_checkpoint(cfg.teacher)
         print(f"[compress_lit] teacher feature cache {path} not found: computing it first", flush=True)
         device, autocast = local_device_and_autocast(cfg.trainer)
         rng = torch.random.get_rng_state()
         torch.manual_seed(cfg.seed)  # as compress_lit.cache_features (random-format teachers)
         compute_for_config(cfg, dm, device=device, autocast=autocast)
         torch.random.set_rng_state(rng)
-        expected = expected_meta(cfg.teacher, cfg.data, dm.num_train, views, seed=cfg.seed)  # new checkpoint
-        teacher = open_cache(path, expected)
+        teacher = open_cache(path, expected())
     log.info("cached teacher %s: %s", cfg.teacher.name, teacher)
     if teacher.views > 1:
         dm.wrap_train(lambda ds: SeededViews(ds, teacher.views, teacher.base_seed))
@@ -223,6 +230,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()) -> pl.Tr
         kwargs["strategy"] = ddp_strategy(kwargs["strategy"])
     bar = rich_progress_bar() if kwargs.get("enable_progress_bar", True) else None  # None: Lightning's default
     callbacks += [bar] if bar is not None else []
+    callbacks.append(SaveOnSigterm(run_dir))  # SIGTERM: a resumable checkpoint, then exit 143 (runtime/fit.py)
+    callbacks.append(WeightWatch())  # non-finite parameters/buffers: stop at the step, never checkpoint them
     try:
         return pl.Trainer(default_root_dir=str(run_dir), logger=logger, callbacks=[ckpt, *callbacks],
                           plugins=[AtomicCheckpointIO()], **kwargs)
@@ -254,13 +263,22 @@ def build_run(cfg: DictConfig, run_dir: Path, history_rows=None):
     return logger, history, trainer
 
 
+def start_run(cfg: DictConfig, run_dir: str | Path):
+    """What train and pretrain do before any data is read: claim the run folder (one run per folder), resolve
+    ``resume`` (the checkpoint read weights-only, its config checked for ``resume=auto``), check the folders are
+    writable. Returns the :class:`~compress_lit.resume.Resume`."""
+    run_folder.claim(run_dir, resuming=bool(cfg.resume))
+    resume = prepare_resume(cfg.resume, run_dir, OmegaConf.to_container(cfg, resolve=True))
+    check_writable(resume.run_dir, "the run directory", cfg.safety.min_free_gb)
+    return resume
+
+
 def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
     check_train_startup(cfg)
     warn_unused_settings(cfg)
     # resume=auto with an earlier run's checkpoint continues in that run's directory (resume.py)
-    resume = prepare_resume(cfg.resume, run_dir)
+    resume = start_run(cfg, run_dir)
     run_dir = resume.run_dir
-    check_writable(run_dir, "the run directory", cfg.safety.min_free_gb)
     if cfg.teacher.pretrain_if_missing:
         check_writable(cfg.cache_dir, "the cache directory (cache_dir)", cfg.safety.min_free_gb)
     pl.seed_everything(cfg.seed, workers=True)
@@ -274,6 +292,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
         if cfg.teacher.checkpoint:
             ensure_teacher_checkpoint(cfg.teacher)
         teacher = build_teacher(cfg.teacher)
+    resume.check_teacher(teacher.fingerprint())  # another teacher: refused before anything is written
     student = build_student(cfg.student)
     init_student = copy.deepcopy(student) if (cfg.eval.at_end and cfg.eval.random_baseline) else None
     module = build_method(cfg, student, teacher, dm)
@@ -282,9 +301,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.perf.compile:
         module.student.compile()
     apply_batch_plan(cfg, trainer, module, logger)  # global batch split over the processes; the learning rate
-    ckpt_path = resume.checkpoint
-    # our own checkpoints hold RNG states (numpy arrays) besides tensors: trusted, so not weights-only
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=False)
+    fit(trainer, module, dm, resume.checkpoint, run_dir)  # weights-only resume; SIGTERM: checkpoint, exit 143
     teacher.assert_frozen()
 
     results: dict = {}

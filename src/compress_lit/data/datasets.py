@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import hashlib
 import logging
 import os
 import zlib
@@ -102,6 +103,13 @@ class TensorImageDataset(_SelectableDataset):
             return x.expand(self.in_channels, *x.shape[1:])
         return x
 
+    def fingerprint(self) -> str:
+        """SHA-256 of exactly these samples: the stored images' bytes, their labels and the output size."""
+        h = hashlib.sha256(f"tensor:{tuple(self.images.shape)}:{self.images.dtype}:{self.output_size};".encode())
+        h.update(self.images.contiguous().numpy().tobytes())
+        h.update(self.labels.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def select(self, indices: Sequence[int]) -> "TensorImageDataset":
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         other = copy.copy(self)
@@ -175,6 +183,19 @@ class ImageFolderDataset(_SelectableDataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, int(label), int(index)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of exactly these samples, in order: each file's absolute path, size, mtime (ns) and label (one
+        ``stat`` per file; a file replaced or touched changes it)."""
+        h = hashlib.sha256(b"imagefolder;")
+        for path, label in self.samples:
+            try:
+                st = os.stat(path)
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size = mtime = -1
+            h.update(f"{os.path.abspath(path)}\0{size}\0{mtime}\0{label}\n".encode())
+        return h.hexdigest()
 
     def select(self, indices: Sequence[int]) -> "ImageFolderDataset":
         other = copy.copy(self)

@@ -12,6 +12,7 @@ import os
 import torch
 
 from ..config import ConfigError
+from ..safety import load_torch_file
 
 
 @torch.no_grad()
@@ -22,7 +23,7 @@ def classifier_accuracy(checkpoint: str | os.PathLike, device: str | torch.devic
     from .loading import load_student_checkpoint, resolve_data_config
 
     loaded = load_student_checkpoint(checkpoint)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    state = load_torch_file(checkpoint, "checkpoint")["state_dict"]  # weights only
     if "classifier.weight" not in state:
         raise ConfigError(f"checkpoint={checkpoint}: no classifier.* weights (not a method=supervised run)")
     heads = []

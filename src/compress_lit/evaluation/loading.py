@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import ConfigError, DataConfig
 from ..models import build_from_config, embedding_layer
+from ..safety import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,7 @@ def load_student_checkpoint(path: str | os.PathLike) -> LoadedModel:
     from .features import checkpoint_identity
 
     path = os.path.expanduser(str(path))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # trusted: our own Lightning checkpoint
-    except FileNotFoundError:
-        raise ConfigError(f"checkpoint={path}: no such file") from None
-    except Exception as e:  # noqa: BLE001 - not a checkpoint at all (text, truncated): name the file
-        raise ConfigError(f"checkpoint={path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    ckpt = load_torch_file(path, "checkpoint")  # weights only: a malicious file is refused, nothing runs
     try:
         config = _plain(ckpt["hyper_parameters"]["config"])
         scfg = config["student"]

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..anchor_queue import AnchorQueue
 from ..nonfinite import LossWatch
+from ..config import ConfigError
 from ..resume import collect_rng_states, restore_rng_states
 from ..schedule import build_optimizer
 
@@ -166,7 +167,7 @@ class DistillationModule(pl.LightningModule):
         saved = checkpoint.get("teacher_fingerprint")
         mine = self.teacher.fingerprint()
         if saved is not None and saved != mine:
-            raise RuntimeError(
+            raise ConfigError(
                 f"this checkpoint was trained with another teacher (fingerprint {saved}, current teacher {mine}); "
                 "resume with the teacher the run started with")
         sd = checkpoint["state_dict"]

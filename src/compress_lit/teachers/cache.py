@@ -19,10 +19,11 @@ for K > 1):
   ``float16`` by default (``float32`` on request), each row L2-normalised (the losses normalise anyway); row ``i``
   belongs to dataset index ``i`` of the (possibly ``train_subset``-ed) train split.
 * ``meta.json`` (written atomically: temporary file + ``os.replace``): the teacher's identity (name, arch,
-  format, checkpoint path, its size and mtime in ns, small_input, width_multiplier; for ``format=random`` the
-  seed it was initialised under) plus its weight fingerprint (:meth:`FrozenTeacher.fingerprint`, informational:
-  a training run does not build the network, so it checks the identity instead), ``embed_dim``, the data (name,
-  root, split ``"train"``, ``num_samples``, image/resize size, channels, mean/std, train_subset, split_seed), the
+  format, checkpoint path, its size and mtime in ns, the SHA-256 of the tensors in the file, small_input,
+  width_multiplier; for ``format=random`` the seed it was initialised under) plus its weight fingerprint
+  (:meth:`FrozenTeacher.fingerprint`, informational: a training run does not build the network, so it checks the
+  identity instead), ``embed_dim``, the data (name, root, split ``"train"``, ``num_samples``, the fingerprint of the
+  resolved sample list, image/resize size, channels, mean/std, train_subset, split_seed), the
   transform (kind ``"eval centre crop"`` or ``"augmented views"``, its repr, K, the view seed and formula),
   ``dtype``, ``shape``, and progress: ``done`` (samples written), ``prefix_done`` (rows ``[0, prefix_done)`` written
   by single-process runs) and ``complete``.
@@ -79,7 +80,8 @@ class TeacherCacheError(RuntimeError):
 
 
 class CacheMissingError(TeacherCacheError):
-    """There is no cache at the path (no meta.json)."""
+    """There is no usable cache at the path: no meta.json, or one that cannot be read (truncated by a crash or a
+    full disk); either way it is built (again) from the start."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -169,17 +171,19 @@ def teacher_identity(tcfg: Any, seed: Optional[int] = None) -> dict:
     unset) and the ``vit.*`` size overrides that are set (a CNN teacher's identity is unchanged, so its existing
     caches stay valid)."""
     path = getattr(tcfg, "checkpoint", None) if tcfg.format != "random" else None
-    size = mtime = None
+    size = mtime = weights = None
     if path:
         path = os.path.abspath(os.path.expanduser(str(path)))
         if os.path.isfile(path):
             st = os.stat(path)
             size, mtime = int(st.st_size), int(st.st_mtime_ns)
+            weights = checkpoint_weights_sha256(path)
     wm = getattr(tcfg, "width_multiplier", None)
     out = {"name": str(getattr(tcfg, "name", None) or tcfg.arch), "arch": str(tcfg.arch), "format": str(tcfg.format),
            "small_input": bool(getattr(tcfg, "small_input", False)),
            "width_multiplier": None if wm is None else float(wm),
            "checkpoint": path, "checkpoint_size": size, "checkpoint_mtime_ns": mtime,
+           **({"checkpoint_weights": weights} if weights is not None else {}),
            "random_seed": int(seed) if tcfg.format == "random" and seed is not None else None}
     from ..models import backbone_options, is_vit
     from ..models.vit import OVERRIDABLE
@@ -191,9 +195,38 @@ def teacher_identity(tcfg: Any, seed: Optional[int] = None) -> dict:
     return out
 
 
-def data_identity(dcfg: Any, num_samples: int) -> dict:
+def checkpoint_weights_sha256(path: str) -> str:
+    """SHA-256 of every tensor in the checkpoint file (names, dtypes, shapes and bytes, in key order), read
+    weights-only and memory-mapped: what the teacher *is*, whatever its size and mtime say. Another file with the
+    same size and mtime (a swapped teacher) has another hash."""
+    import hashlib
+
+    from ..safety import load_torch_file
+
+    h = hashlib.sha256()
+
+    def walk(obj: Any, name: str) -> None:
+        if torch.is_tensor(obj):
+            t = obj.detach().contiguous().reshape(-1)
+            h.update(f"{name}\0{t.dtype}\0{tuple(obj.shape)}\0".encode())
+            h.update(memoryview(t.view(torch.uint8).numpy()))
+        elif isinstance(obj, Mapping):
+            for k in sorted(obj, key=str):
+                walk(obj[k], f"{name}.{k}" if name else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{name}[{i}]")
+
+    walk(load_torch_file(path, "teacher.checkpoint", mmap=True), "")
+    return h.hexdigest()
+
+
+def data_identity(dcfg: Any, num_samples: int, samples: Optional[str] = None) -> dict:
+    """The data the teacher saw. ``samples``: the fingerprint of the resolved sample list (``dataset.fingerprint()``:
+    the selected images' bytes, or their files' paths, sizes and mtimes, with their labels and order), which covers
+    everything that decides which pixels form the split (``data.val_fraction``, ``holdout``, subsets, seeds)."""
     root = getattr(dcfg, "root", None)
-    return {"name": str(dcfg.name), "root": os.path.abspath(os.path.expanduser(str(root))) if root else None,
+    return {**({"samples": samples} if samples is not None else {}),"name": str(dcfg.name), "root": os.path.abspath(os.path.expanduser(str(root))) if root else None,
             "split": "train", "num_samples": int(num_samples), "image_size": int(dcfg.image_size),
             "resize_size": int(dcfg.resize_size), "in_channels": int(dcfg.in_channels),
             "mean": _floats(dcfg.mean), "std": _floats(dcfg.std),
@@ -219,9 +252,10 @@ def transform_identity(dcfg: Any, views: int = 1, base_seed: Optional[int] = Non
 
 
 def expected_meta(tcfg: Any, dcfg: Any, num_samples: int, views: int = 1, *, base_seed: Optional[int] = None,
-                  seed: Optional[int] = None) -> dict:
-    """What a cache for this teacher and data config must record (what :func:`open_cache` checks)."""
-    return {"teacher": teacher_identity(tcfg, seed), "data": data_identity(dcfg, num_samples),
+                  seed: Optional[int] = None, samples: Optional[str] = None) -> dict:
+    """What a cache for this teacher and data config must record (what :func:`open_cache` checks). ``samples``:
+    the train split's sample fingerprint (compared when given: a training run passes it)."""
+    return {"teacher": teacher_identity(tcfg, seed), "data": data_identity(dcfg, num_samples, samples),
             "transform": transform_identity(dcfg, views, base_seed), "views": int(views)}
 
 
@@ -262,9 +296,13 @@ def read_meta(path: str | os.PathLike) -> dict:
     if not meta_path.is_file():
         raise CacheMissingError(f"no teacher feature cache at {path} ({META_FILE} not found)")
     try:
-        return json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        return meta
     except (OSError, ValueError) as e:
-        raise TeacherCacheError(f"teacher feature cache {path}: cannot read {meta_path}: {e}") from e
+        raise CacheMissingError(f"teacher feature cache {path}: {meta_path} cannot be read ({e}), so the cache "
+                                f"is rebuilt from the start") from e
 
 
 def write_meta(path: str | os.PathLike, meta: Mapping) -> dict:
@@ -356,8 +394,11 @@ def prepare_cache(path: str | os.PathLike, meta: Mapping, overwrite: bool = Fals
         old = None
     if old is not None and (path / FEATURES_FILE).is_file():
         problems = compare_meta(old, meta)
-        if not problems:
+        damage = features_problem(path, old)
+        if not problems and damage is None:
             return old
+        if not problems:  # the right cache, but its features file is damaged: built again, whatever was recorded
+            overwrite, problems = True, [damage]
         if not overwrite:
             raise TeacherCacheError(f"teacher feature cache {path} was built for something else: "
                                     + "; ".join(problems)
@@ -372,7 +413,44 @@ def prepare_cache(path: str | os.PathLike, meta: Mapping, overwrite: bool = Fals
                                    shape=tuple(meta["shape"]))
     mm.flush()
     del mm
+    reserve(path / FEATURES_FILE)
     return new
+
+
+def reserve(file: Path) -> None:
+    """Allocate the (sparse) features file's blocks now: a disk too small fails here, in one line, instead of a
+    SIGBUS at some write into the memory map. The cache stays incomplete (``complete`` false) and is rebuilt."""
+    size = file.stat().st_size
+    try:
+        with open(file, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        import errno
+        import shutil
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: written as it goes
+                return
+            raise
+        free = shutil.disk_usage(file.parent).free / 2**30
+        raise TeacherCacheError(f"disk full: the teacher feature cache {file} needs {size / 2**30:.2f} GiB, "
+                                f"{free:.2f} GiB are free; free space (or set cache_dir / teacher.cache_path) and "
+                                f"run again") from None
+
+
+def features_problem(path: Path, meta: Mapping) -> Optional[str]:
+    """Why ``features.npy`` cannot hold ``meta``'s shape (truncated, wrong header), or None when it can."""
+    file = path / FEATURES_FILE
+    try:
+        arr = np.load(file, mmap_mode="r")
+        shape = tuple(arr.shape)
+        del arr
+    except (OSError, ValueError) as e:
+        have = file.stat().st_size if file.is_file() else 0
+        return f"{FEATURES_FILE} is truncated or damaged ({have} bytes; {type(e).__name__}: {e})"
+    if shape != tuple(meta.get("shape", ())):
+        return f"{FEATURES_FILE} has shape {shape}, meta.json says {tuple(meta.get('shape', ()))}"
+    return None
 
 
 def _start_for(path: Path, meta: Mapping, rank: int, world: int, lo: int, hi: int) -> int:
@@ -517,11 +595,14 @@ def build_cache(path: str | os.PathLike, teacher: nn.Module, dataset: Dataset, m
 
 
 def cache_meta(tcfg: Any, dcfg: Any, teacher: nn.Module, num_samples: int, views: int = 1, *,
-               dtype: str = "float16", base_seed: int = 0, seed: Optional[int] = None) -> dict:
-    """The full meta of a cache about to be built with the (already built) ``teacher``."""
+               dtype: str = "float16", base_seed: int = 0, seed: Optional[int] = None,
+               samples: Optional[str] = None) -> dict:
+    """The full meta of a cache about to be built with the (already built) ``teacher``; ``samples``: the train
+    split's sample fingerprint (:func:`data_identity`)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {list(DTYPES)}")
-    meta = expected_meta(tcfg, dcfg, num_samples, views, base_seed=base_seed if views > 1 else None, seed=seed)
+    meta = expected_meta(tcfg, dcfg, num_samples, views, base_seed=base_seed if views > 1 else None, seed=seed,
+                         samples=samples)
     fp = teacher.fingerprint() if hasattr(teacher, "fingerprint") else None
     meta["teacher"]["fingerprint"] = fp
     dim = int(teacher.embed_dim)
@@ -629,10 +710,10 @@ def open_cache(path: str | os.PathLike, expected: Mapping) -> CachedFeatures:
                            f"{meta.get('data', {}).get('num_samples', '?')} samples) vs expected True")
     if problems:
         raise TeacherCacheError(f"teacher feature cache {path} cannot be used: " + "; ".join(problems))
-    shape = tuple(np.load(path / FEATURES_FILE, mmap_mode="r").shape)
-    if shape != tuple(meta["shape"]):
-        raise TeacherCacheError(f"teacher feature cache {path}: {FEATURES_FILE} has shape {shape}, meta.json says "
-                                f"{tuple(meta['shape'])}")
+    damage = features_problem(path, meta)
+    if damage is not None:
+        raise TeacherCacheError(f"teacher feature cache {path}: {damage}; python -m compress_lit.cache_features with "
+                                f"the run's overrides rebuilds it")
     return CachedFeatures(path, meta)
 
 

@@ -50,27 +50,19 @@ def first_line(e: BaseException) -> str:
 
 
 def read_checkpoint(path: str, fmt: str) -> Any:
-    """``torch.load(weights_only=True)``; a full unpickle only for this project's own files (``compress_lit``)."""
-    if not os.path.exists(path):
-        raise TeacherLoadError(f"teacher checkpoint {path!r} (format {fmt!r}): no such file")
-    if os.path.isdir(path):
-        raise TeacherLoadError(f"teacher checkpoint {path!r} (format {fmt!r}): is a directory, not a checkpoint file")
+    """``torch.load(weights_only=True)`` for every format (``safety.load_torch_file``): a file whose pickle needs
+    more than tensors and plain containers is refused before any of it runs, whoever made it."""
+    from ..safety import CheckpointFileError, UnsafeFileError, load_torch_file
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure means "not readable"; the cause goes into the message
-        first = e
-    if fmt == "compress_lit":
-        # Lightning checkpoints of this project may carry hyper-parameters (DictConfig, ...) that the
-        # weights-only unpickler refuses; they are our own files, so a full unpickle is acceptable here only.
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001
-            raise TeacherLoadError(
-                f"teacher checkpoint {path!r} (format {fmt!r}) is not a readable checkpoint "
-                f"(truncated, corrupt or not a torch file): {first_line(e)}") from e
-    raise TeacherLoadError(
-        f"teacher checkpoint {path!r} (format {fmt!r}) is not a readable checkpoint (truncated, corrupt, not a "
-        f"torch file, or holding objects torch.load(weights_only=True) refuses): {first_line(first)}") from first
+        return load_torch_file(path, "teacher.checkpoint")
+    except UnsafeFileError as e:
+        raise TeacherLoadError(f"teacher checkpoint {path!r} (format {fmt!r}): {str(e).split(': ', 1)[1]}") from None
+    except CheckpointFileError as e:
+        detail = str(e).split(": ", 1)[1]
+        if detail.startswith("not a readable"):
+            detail = "is " + detail
+        raise TeacherLoadError(f"teacher checkpoint {path!r} (format {fmt!r}) {detail}") from None
 
 
 # ------------------------------------------------------------------------------------------------------------
