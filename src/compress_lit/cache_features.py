@@ -27,7 +27,6 @@ import contextlib
 import logging
 from typing import Any, Callable, Optional
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -38,7 +37,7 @@ from .data.workers import cap_num_workers
 from .safety import check_writable
 from .teachers import build_teacher
 from .teachers.cache import build_cache, cache_dataset, cache_meta, cache_path, cache_views, validate_cache_config
-from .startup import run_entry
+from .startup import run_entry, entry_main
 from .train import CONF_DIR, check_train_startup, ensure_teacher_checkpoint
 
 log = logging.getLogger("compress_lit.cache_features")
@@ -115,7 +114,7 @@ def run_cache_features(cfg: DictConfig) -> dict:
     return meta
 
 
-@hydra.main(config_path=CONF_DIR, config_name="cache_features", version_base="1.3")
+@entry_main("cache_features")
 def main(cfg: DictConfig) -> None:
     run_entry("cache_features", lambda: run_cache_features(cfg))
 

@@ -19,7 +19,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
@@ -28,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError
 from .evaluation.settings import MODEL_FORMATS, register_eval_configs
 from .paths import config_dir
-from .startup import check_accelerator, check_file, check_mandatory, quiet_known_noise, run_entry
+from .startup import check_accelerator, check_file, check_mandatory, quiet_known_noise, run_entry, entry_main
 
 log = logging.getLogger("compress_lit.detect")
 CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
@@ -138,7 +137,7 @@ def _json_default(o):
     return str(o)
 
 
-@hydra.main(config_path=CONF_DIR, config_name="detect", version_base="1.3")
+@entry_main("detect")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
     quiet_known_noise()

@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
@@ -43,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError
 from .evaluation.settings import EVALUATIONS, MODEL_FORMATS, register_eval_configs
 from .paths import config_dir
-from .startup import check_accelerator, check_device, check_file, check_mandatory, run_entry
+from .startup import check_accelerator, check_device, check_file, check_mandatory, run_entry, entry_main
 
 log = logging.getLogger("compress_lit.evaluate")
 CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
@@ -158,7 +157,22 @@ def results_markdown(results: dict[str, Any], header: str = "") -> str:
 
 
 def run_evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run the evaluations of ``cfg`` (an ``EvaluateConfig``); write the outputs to ``out_dir``; return results."""
+    """Run the evaluations of ``cfg`` (an ``EvaluateConfig``); write the outputs to ``out_dir``; return results.
+    An evaluation that fails leaves none of its outputs behind (no half-filled folder: features without results)."""
+    out_dir = Path(out_dir)
+    before = set(out_dir.iterdir()) if out_dir.is_dir() else set()
+    try:
+        return _evaluate(cfg, out_dir)
+    except BaseException:
+        import shutil
+
+        for p in (set(out_dir.iterdir()) if out_dir.is_dir() else set()) - before:
+            if p.suffix != ".log":
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        raise
+
+
+def _evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     from .data import build_datamodule
     from .evaluation.features import FeatureCache, save_features
     from .evaluation.loading import denormalizer, load_model, resolve_data_config, resolve_device
@@ -272,7 +286,7 @@ def _json_default(o):
     return str(o)
 
 
-@hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
+@entry_main("evaluate")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
     run_entry("evaluate", lambda: run_evaluate(cfg, HydraConfig.get().runtime.output_dir))

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -46,7 +45,7 @@ from torch import nn
 
 from .paths import config_dir
 from .safety import load_torch_file
-from .startup import USER_ERRORS, check_mandatory, run_entry
+from .startup import USER_ERRORS, check_mandatory, run_entry, entry_main
 
 log = logging.getLogger("compress_lit.export")
 CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
@@ -661,7 +660,7 @@ __all__ = ["ExportConfig", "ExportError", "LatencySettings", "ParitySettings", "
            "teacher_from_config"]
 
 
-@hydra.main(config_path=CONF_DIR, config_name="export", version_base="1.3")
+@entry_main("export")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.WARNING)
     run_entry("export", lambda: run_export(cfg, HydraConfig.get().runtime.output_dir),

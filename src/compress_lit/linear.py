@@ -18,7 +18,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -26,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError
 from .evaluation.settings import register_eval_configs
 from .paths import config_dir
-from .startup import check_accelerator, check_mandatory, run_entry
+from .startup import check_accelerator, check_mandatory, run_entry, entry_main
 
 log = logging.getLogger("compress_lit.linear")
 CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
@@ -92,7 +91,7 @@ def run_linear(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     return res
 
 
-@hydra.main(config_path=CONF_DIR, config_name="linear", version_base="1.3")
+@entry_main("linear")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
     run_entry("linear", lambda: run_linear(cfg, HydraConfig.get().runtime.output_dir))

@@ -14,7 +14,6 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -27,7 +26,7 @@ from .reporting import end_of_run
 from .safety import atomic_copy, check_writable
 from .evaluation.suite import evaluate_models, format_table
 from .distributed import apply_batch_plan
-from .startup import check_accelerator, check_mandatory, run_entry
+from .startup import check_accelerator, check_mandatory, run_entry, entry_main
 from .train import CONF_DIR, build_run, build_student, start_run
 
 log = logging.getLogger("compress_lit.pretrain")
@@ -72,7 +71,7 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
     return results
 
 
-@hydra.main(config_path=CONF_DIR, config_name="pretrain", version_base="1.3")
+@entry_main("pretrain")
 def main(cfg: DictConfig) -> None:
     run_entry("pretrain", lambda: run_pretrain(cfg, HydraConfig.get().runtime.output_dir))
 

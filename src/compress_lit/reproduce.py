@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import hydra
 import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from .run_records import restore_progress, save_progress
 from .safety import load_torch_file
-from .startup import USER_ERRORS, check_mandatory, run_entry
+from .startup import USER_ERRORS, check_mandatory, run_entry, entry_main
 from .teacher_check import bars_lines, run_teacher_check, teacher_bars
 from .train import CONF_DIR
 
@@ -867,7 +866,7 @@ def run_calibration(cfg: DictConfig, runs: Path, out: Path) -> dict:
     return groups
 
 
-@hydra.main(config_path=CONF_DIR, config_name="reproduce", version_base="1.3")
+@entry_main("reproduce")
 def main(cfg: DictConfig) -> None:
     run_entry("reproduce", lambda: run_reproduce(cfg), user_errors=(*USER_ERRORS, StepFailed))
 

@@ -10,6 +10,9 @@
   with one line, ``compress_lit.<entry>: <ErrorType>: <message>``, and no traceback. The error is also written
   to the run's log file, and a run directory that holds nothing but what Hydra wrote at start-up (``.hydra/``
   and the empty ``<job>.log``) is removed, so a bad value leaves no empty ``outputs/<entry>/<date>/<time>/``.
+* :func:`one_line_hydra_errors`: Hydra's own errors about the command line (a misspelt key, a group option that
+  does not exist, a value Hydra cannot parse) become one line naming the argument, with the closest valid keys or
+  options ("did you mean method.temperature?") and, for a value with ``=`` or other punctuation, how to quote it.
 * :func:`quiet_known_noise`: warnings and log lines that say nothing to the user (the frozen teacher in eval
   mode, faiss' loader trying its optional builds, Lightning's tips).
 * the ``compress_lit.options`` resolver: the options of a config group, for the ``--help`` pages
@@ -227,17 +230,37 @@ def remove_if_only_hydra_files(run_dir: Optional[Path]) -> bool:
     return not Path(run_dir).exists()
 
 
+_output_dir: Optional[Path] = None  # where the entry point wrote, when that is not Hydra's run folder
+
+
+def set_output_dir(path: str | Path) -> None:
+    """Tell :func:`run_entry` where this command's output went (``resume=auto`` continuing an earlier run's
+    folder, export's output folder), for its closing line."""
+    global _output_dir
+    _output_dir = Path(path)
+
+
+TRAINING_ENTRIES = ("train", "pretrain")  # what ``resume=auto`` continues
+QUIET_INTERRUPT = "COMPRESS_LIT_STEP_OF"  # set for a command run as a step of another: Ctrl-C is reported there
+
+
 def run_entry(entry: str, body: Callable[[], T], run_dir: Optional[Path] = None,
               user_errors: Iterable[type[BaseException]] = USER_ERRORS) -> T:
-    """Run an entry point's ``body``. A user error (``user_errors``) is written to the run's log, the run
-    directory is removed when it holds nothing but Hydra's start-up files, and the command ends with exit status
-    1 and one line on stderr: ``compress_lit.<entry>: <ErrorType>: <message>``."""
-    quiet_known_noise()
-    run_dir = Path(run_dir) if run_dir is not None else hydra_run_dir()
+    """Run an entry point's ``body`` with the torch threads the free cores allow (``runtime/threads.py``), then
+    say where it wrote (``compress_lit.<entry>: wrote <folder>``). A user error (``user_errors``) is written to the
+    run's log, the run directory is removed when it holds nothing but Hydra's start-up files, and the command ends
+    with exit status 1 and one line on stderr: ``compress_lit.<entry>: <ErrorType>: <message>``. Ctrl-C ends in one
+    line too (exit status 130): the folder, and for training the ``resume=auto`` line that continues it."""
     from .runtime import run_folder
+    from .runtime.threads import choose_threads
 
+    global _output_dir
+    _output_dir = None
+    quiet_known_noise()
+    choose_threads()
+    run_dir = Path(run_dir) if run_dir is not None else hydra_run_dir()
     try:
-        return body()
+        result = body()
     except tuple(user_errors) as e:
         line = f"compress_lit.{entry}: {type(e).__name__}: {e}"
         if run_dir is not None and run_dir.exists():
@@ -246,8 +269,171 @@ def run_entry(entry: str, body: Callable[[], T], run_dir: Optional[Path] = None,
                 run_folder.abandon()  # a folder this run continued gets its earlier .hydra/ back
                 remove_if_only_hydra_files(run_dir)
         sys.exit(line)
+    except KeyboardInterrupt as e:
+        if os.environ.get(QUIET_INTERRUPT):  # a step of another command (the demo teacher's pretraining): it says
+            sys.exit(130)
+        where = _output_dir or run_dir
+        line = f"compress_lit.{entry}: interrupted (Ctrl-C)"
+        kept = where is not None and where.exists() and not remove_if_only_hydra_files(where)
+        if kept:
+            write_to_run_log(where, line, name=f"compress_lit.{entry}", level=logging.WARNING)
+            line += f"; its folder is {where}"
+        if e.args:
+            line += f"; {e.args[0]}"
+        elif entry in TRAINING_ENTRIES and kept:
+            line += "; run the same command with resume=auto to continue"
+        print(line, file=sys.stderr, flush=True)
+        sys.exit(130)
     finally:
         run_folder.release_all()
+    where = _output_dir or run_dir
+    if where is not None and where.exists():
+        print(f"compress_lit.{entry}: wrote {where}", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------ Hydra's own errors
+def _entry_name() -> str:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return spec.name if spec is not None and spec.name else "compress_lit"
+
+
+def _flat_keys(cfg: Any, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        out.append(key)
+        if OmegaConf.is_dict(v):
+            out += _flat_keys(v, key + ".")
+    return out
+
+
+def _config_keys(config_name: str, args: list[str]) -> list[str]:
+    """Every dotted key of ``config_name`` composed with the command line's group choices (``method=seed``)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    choices = [a for a in args if "=" in a and not a.startswith(("+", "~", "hydra.", "-"))
+               and "." not in a.split("=", 1)[0] and "," not in a]
+    loader = GlobalHydra.instance().config_loader()
+    for overrides in (choices, []):
+        try:
+            cfg = loader.load_configuration(config_name, overrides, RunMode.RUN)
+        except Exception:  # noqa: BLE001 - one of the choices is the problem: the defaults then
+            continue
+        with open_dict_safe(cfg):
+            cfg.pop("hydra", None)
+        return _flat_keys(cfg)
+    return []
+
+
+def open_dict_safe(cfg):
+    from omegaconf import open_dict
+
+    return open_dict(cfg)
+
+
+def hydra_error_line(e: BaseException, args: list[str], config_name: str) -> Optional[str]:
+    """The one line for a Hydra command-line error (None: not one of ours to shape)."""
+    import difflib
+    import re
+
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    if isinstance(e, OverrideParseException):
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parser = OverridesParser.create()
+        bad = next((a for a in args if not a.startswith("-") and not _parses(parser, a)), None)
+        if bad is None:
+            return f"cannot read the command line: {str(e).strip().splitlines()[0]}"
+        key, _, value = bad.partition("=")
+        return (f"cannot read {bad!r}: Hydra takes '=', ',', spaces, quotes, brackets and non-ASCII characters in a "
+                f"value for syntax; quote the value for Hydra, and the whole argument for the shell: "
+                f"\"{key}='{value}'\"")
+    if isinstance(e, MissingConfigException):
+        text = str(e)
+        m = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+        if not m:
+            return None
+        group, name = m.group(1).replace("/", "."), m.group(2)
+        listed = re.split(r"Available options[^:\n]*:", text, maxsplit=1)[1] if "Available options" in text else ""
+        options = []
+        for ln in listed.splitlines()[1:]:
+            if not ln.startswith(("\t", "    ")) or "=" in ln:
+                break  # the search path that follows the options
+            options.append(ln.strip())
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+        hint = f"did you mean {group}={close[0]}? " if close else ""
+        return f"{group}={name} is not an option: {hint}(options: {', '.join(options)})"
+    if isinstance(e, ConfigCompositionException):
+        text = f"{e}\n{e.__cause__ or ''}"
+        m = re.search(r"Could not override '([^']+)'", text) or re.search(r"full_key: (\S+)", text)
+        key = m.group(1) if m else None
+        if key and re.search(r"not in (struct|'\w+')", text):
+            close = difflib.get_close_matches(key, _config_keys(config_name, args), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else \
+                f"python -m {_entry_name()} --help lists the options"
+            return f"{key} is not an option: {hint}"
+        first = [ln.strip() for ln in str(e.__cause__ or e).splitlines() if ln.strip()]
+        return f"{key + ': ' if key else ''}{first[0] if first else type(e).__name__}"
+    return None
+
+
+def _parses(parser, arg: str) -> bool:
+    try:
+        parser.parse_overrides([arg])
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def one_line_hydra_errors(config_name: str) -> None:
+    """Shape Hydra's command-line errors into one line (:func:`hydra_error_line`), exit status 1, as every other
+    user error (``HYDRA_FULL_ERROR=1`` keeps Hydra's own report)."""
+    import hydra._internal.utils as hydra_utils
+
+    original = getattr(hydra_utils.run_and_report, "__wrapped__", hydra_utils.run_and_report)
+
+    def run_and_report(func):
+        def shaped():
+            try:
+                return func()
+            except Exception as e:  # noqa: BLE001 - every other error goes on to Hydra's own report
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                try:
+                    line = hydra_error_line(e, sys.argv[1:], config_name)
+                except Exception:  # noqa: BLE001 - shaping an error must never hide it
+                    line = None
+                if line is None:
+                    raise
+                sys.exit(f"{_entry_name()}: ConfigError: {line}")
+        return original(shaped)
+
+    run_and_report.__wrapped__ = original
+    hydra_utils.run_and_report = run_and_report
+
+
+def entry_main(config_name: str):
+    """``hydra.main`` of an entry point (config ``conf/<config_name>.yaml``), with Hydra's command-line errors in
+    one line (:func:`one_line_hydra_errors`)."""
+    import functools
+
+    import hydra
+
+    from .paths import config_dir
+
+    def decorate(task):
+        hydra_main = hydra.main(config_path=config_dir(), config_name=config_name, version_base="1.3")(task)
+
+        @functools.wraps(task)
+        def main(*args, **kwargs):
+            one_line_hydra_errors(config_name)
+            return hydra_main(*args, **kwargs)
+        return main
+    return decorate
 
 
 # ------------------------------------------------------------------------------------------- --help pages

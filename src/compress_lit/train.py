@@ -14,11 +14,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -41,9 +41,9 @@ from .reporting import HistoryCallback, end_of_run, hydra_run_identity, rich_pro
 from .resume import prepare_resume
 from .runtime import run_folder
 from .runtime.fit import SaveOnSigterm, fit
-from .safety import AtomicCheckpointIO, check_writable
-from .startup import (USER_ERRORS, check_accelerator, check_file, check_mandatory, quiet_known_noise,
-                      run_entry)
+from .safety import AtomicCheckpointIO, StartupError, check_writable
+from .startup import (MANDATORY_HINTS, QUIET_INTERRUPT, USER_ERRORS, check_accelerator, entry_main,
+                      quiet_known_noise, run_entry, set_output_dir)
 from .teachers import build_teacher
 from .teachers.cache import (CacheMissingError, SeededViews, TeacherCacheError, cache_features_command, cache_path,
                              cache_views, expected_meta, open_cache, validate_cache_config)
@@ -139,15 +139,34 @@ def build_method(cfg: DictConfig, student, teacher, dm=None) -> DistillationModu
     return builder(cfg, student, teacher, dm, OmegaConf.to_container(cfg, resolve=True))
 
 
-def ensure_teacher_checkpoint(tcfg) -> None:
-    """Build the demo teacher with the pretraining entry point when its checkpoint is not there yet."""
+def ensure_teacher_checkpoint(tcfg, trainer_cfg=None) -> None:
+    """Build the demo teacher with the pretraining entry point when its checkpoint is not there yet. The
+    pretraining runs with ``resume=auto``: after a Ctrl-C or a kill, the next run continues it from its last epoch
+    checkpoint; ``trainer.enable_progress_bar`` (of ``trainer_cfg``) reaches it."""
     path = Path(tcfg.checkpoint)
     if path.exists() or not tcfg.pretrain_if_missing:
         return
-    cmd = [sys.executable, "-m", "compress_lit.pretrain", *tcfg.pretrain_args, f"output={path}"]
+    bar = [] if trainer_cfg is None else [f"trainer.enable_progress_bar={str(trainer_cfg.enable_progress_bar).lower()}"]
+    cmd = [sys.executable, "-m", "compress_lit.pretrain", *tcfg.pretrain_args, *bar, "resume=auto", f"output={path}"]
     print(f"[compress_lit] teacher checkpoint {path} not found: pretraining it first with\n  {' '.join(cmd)}",
           flush=True)
-    subprocess.run(cmd, check=True)
+    stopped = KeyboardInterrupt(f"the teacher's pretraining stopped; the same command continues it from its last "
+                                f"epoch ({' '.join(cmd[1:3])} resume=auto)")
+    proc = subprocess.Popen(cmd, env={**os.environ, QUIET_INTERRUPT: "train"})
+    try:
+        returncode = proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached both: let the pretraining end its step and close its files
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise stopped from None
+    if returncode == 130:
+        raise stopped
+    if returncode != 0:
+        raise StartupError(f"pretraining the teacher for teacher.checkpoint={path} failed (exit status "
+                           f"{returncode}; its message is above)")
     if not path.exists():
         raise RuntimeError(f"pretraining finished but wrote no checkpoint at {path}")
     print(f"[compress_lit] teacher ready: {path} (reused on later runs)", flush=True)
@@ -222,7 +241,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()) -> pl.Tr
     # Every epoch: the newest checkpoint (top-1 without a monitor = the latest) and `last.ckpt` linking to it.
     # save_on_train_epoch_end: there is no validation loop (the val split serves the evaluations), so the
     # default "save after validation" would never save during training.
-    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last="link", save_top_k=1, every_n_epochs=1,
+    # named epoch<E>-step<S>.ckpt: no '=' (Hydra reads '=' in an unquoted value as syntax, so Lightning's default
+    # epoch=<E>-step=<S>.ckpt could not be passed as resume= or teacher.checkpoint= without quoting)
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch}-step{step}",
+                           auto_insert_metric_name=False, save_last="link", save_top_k=1, every_n_epochs=1,
                            save_on_train_epoch_end=True)
     kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
     kwargs.setdefault("max_epochs", cfg.optim.epochs)
@@ -242,12 +264,52 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()) -> pl.Tr
 def check_train_startup(cfg: DictConfig) -> None:
     """Everything about ``cfg`` that can fail before any data is read or any network is built (also used by
     ``cache_features``): mandatory keys, values, the accelerator, the teacher's file."""
-    check_mandatory(cfg)
+    check_missing_pieces(cfg)
     validate_train(cfg)
     check_accelerator(cfg.trainer)
+
+
+def check_missing_pieces(cfg: DictConfig) -> None:
+    """Every piece the command still lacks, in one ``ConfigError``: the keys left at ``???``, the teacher's file
+    (named or not there), the data folder (not there), each with where it comes from, and one complete example
+    command (the command line's own arguments plus the missing ones)."""
     t = cfg.teacher
-    if t.checkpoint and t.format != "random" and not t.pretrain_if_missing:
-        check_file("teacher.checkpoint", t.checkpoint, "teacher checkpoint file")
+    pieces: list[str] = []
+    missing = set(OmegaConf.missing_keys(cfg))
+    needs_file = t.format != "random" and not t.pretrain_if_missing
+    fill = {}
+    if "teacher.checkpoint" in missing or (needs_file and not t.checkpoint):
+        missing.discard("teacher.checkpoint")
+        pieces.append(f"teacher.checkpoint (the {t.name} teacher's file, teacher.format={t.format}; docs/teachers.md "
+                      f"says where each teacher is downloaded)")
+        fill["teacher.checkpoint"] = f"/path/to/{t.name}.pth"
+    elif needs_file:
+        p = Path(os.path.expanduser(str(t.checkpoint)))
+        if not p.is_file():
+            what = "is a folder, not a teacher checkpoint file" if p.is_dir() else "no such teacher checkpoint file"
+            pieces.append(f"teacher.checkpoint={t.checkpoint}: {what} (docs/teachers.md says where each teacher is "
+                          f"downloaded)")
+    if "data.root" in missing or (cfg.data.name == "imagefolder" and not cfg.data.root):
+        missing.discard("data.root")
+        pieces.append("data.root (a folder holding train/<class>/ and val/<class>/ images)")
+        fill["data.root"] = "/path/to/imagenet"
+    elif cfg.data.name == "imagefolder" and cfg.data.root and not Path(os.path.expanduser(str(cfg.data.root))).is_dir():
+        pieces.append(f"data.root={cfg.data.root}: no such folder (it must hold train/<class>/ and val/<class>/)")
+    for key in sorted(missing):
+        hint = MANDATORY_HINTS.get(key, f"{key}=<value>")
+        pieces.append(f"{key} ({hint})")
+        fill[key] = hint.split("=", 1)[1] if "=" in hint else "<value>"
+    if not pieces:
+        return
+    if fill and not t.small_input and cfg.data.name != "imagefolder":  # an ImageNet teacher on the embedded data
+        pieces.append(f"the data (data={cfg.data.name} is the embedded demo data; the {t.name} teacher is an "
+                      f"ImageNet network: the paper's setting is data=imagenet data.root=<folder>)")
+        fill.update({"data": "imagenet", "data.root": "/path/to/imagenet"})
+    if len(pieces) == 1 and not fill:  # one file that is not there: the plain message
+        raise ConfigError(pieces[0].split(" (docs/")[0])
+    args = [a for a in (_run_overrides() or []) if a.split("=", 1)[0] not in fill]
+    example = " ".join(["python -m compress_lit.train", *args, *(f"{k}={v}" for k, v in fill.items())])
+    raise ConfigError(f"{len(pieces)} missing: " + "; ".join(pieces) + f". A complete command: {example}")
 
 
 def build_run(cfg: DictConfig, run_dir: Path, history_rows=None):
@@ -269,6 +331,7 @@ def start_run(cfg: DictConfig, run_dir: str | Path):
     writable. Returns the :class:`~compress_lit.resume.Resume`."""
     run_folder.claim(run_dir, resuming=bool(cfg.resume))
     resume = prepare_resume(cfg.resume, run_dir, OmegaConf.to_container(cfg, resolve=True))
+    set_output_dir(resume.run_dir)
     check_writable(resume.run_dir, "the run directory", cfg.safety.min_free_gb)
     return resume
 
@@ -290,7 +353,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
         teacher = cached_teacher(cfg, dm)
     else:
         if cfg.teacher.checkpoint:
-            ensure_teacher_checkpoint(cfg.teacher)
+            ensure_teacher_checkpoint(cfg.teacher, cfg.trainer)
         teacher = build_teacher(cfg.teacher)
     resume.check_teacher(teacher.fingerprint())  # another teacher: refused before anything is written
     student = build_student(cfg.student)
@@ -333,7 +396,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
     return results
 
 
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+@entry_main("train")
 def main(cfg: DictConfig) -> None:
     run_entry("train", lambda: run_train(cfg, HydraConfig.get().runtime.output_dir))
 

@@ -363,6 +363,17 @@ def run_linear_probe(backbone: nn.Module, data_cfg, cfg: Optional[LinearProbeCon
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = datamodule or build_datamodule(linear_datamodule_config(data_cfg, cfg))
     dm.setup("fit")
+    if datamodule is None and cfg.batch_size > len(dm.train_dataset):  # one's own small folder: still a probe
+        import logging
+        from dataclasses import replace
+
+        n = len(dm.train_dataset)
+        logging.getLogger("compress_lit").warning(
+            "linear.batch_size=%d is larger than the %d training images: the probe trains on batches of %d",
+            cfg.batch_size, n, n)
+        cfg = replace(cfg, batch_size=n)
+        dm = build_datamodule(linear_datamodule_config(data_cfg, cfg))
+        dm.setup("fit")
     names = list(layers) if layers is not None else [layer]
     if train_feats is not None and layers is None:
         train_feats = {layer: train_feats}

@@ -71,6 +71,10 @@ def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, checkpoint:
         if _requeue_took_over(trainer):
             raise
         raise SystemExit(SIGTERM_EXIT) from None
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turned Ctrl-C into sys.exit(1): the entry point's one line says so
+            raise KeyboardInterrupt from None
+        raise
 
 
 __all__ = ["SIGTERM_EXIT", "SaveOnSigterm", "fit", "next_hpc_path"]
