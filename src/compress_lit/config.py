@@ -306,6 +306,16 @@ def _one_of(cfg: DictConfig, key: str, choices) -> None:
         raise ConfigError(f"{key}={v!r} is invalid: choose one of {list(choices)}")
 
 
+def _check_precision(cfg: DictConfig) -> None:
+    """``trainer.precision``: ``auto`` (resolved by precision.py before the Trainer is built) or a precision
+    Lightning accepts."""
+    from .precision import PRECISIONS
+
+    trainer = cfg.get("trainer") or {}
+    if "precision" in trainer and str(trainer.precision) not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={trainer.precision!r} is invalid: choose one of {list(PRECISIONS)}")
+
+
 def _validate_common(cfg: DictConfig) -> None:
     from .models import ARCHITECTURES, option_problems
 
@@ -329,6 +339,7 @@ def _validate_common(cfg: DictConfig) -> None:
     _one_of(cfg, "optim.lr_scaling", ("none", "linear"))
     _positive(cfg, "optim.lr_reference_batch")
     _one_of(cfg, "logger.name", ("csv", "wandb", "none"))
+    _check_precision(cfg)
     _one_of(cfg, "logger.mode", ("auto", "online", "offline", "disabled"))
     lo, hi = cfg.data.crop_scale
     if not (0 < lo <= hi <= 1):

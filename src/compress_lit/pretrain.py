@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import register_configs, validate_pretrain, warn_queue_vs_data
 from .data import build_datamodule
 from .methods import MoCoV2
+from .precision import apply_precision
 from .runtime.fit import fit
 from .reporting import end_of_run
 from .safety import atomic_copy, check_writable
@@ -38,6 +39,7 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
     check_mandatory(cfg)
     validate_pretrain(cfg)
     check_accelerator(cfg.trainer)
+    apply_precision(cfg.trainer)  # trainer.precision=auto resolved, logged and recorded in the run's config
     resume = start_run(cfg, run_dir)  # one run per folder; resume=auto: continues in the earlier run's directory
     run_dir = resume.run_dir
     if cfg.output:

@@ -37,6 +37,7 @@ from .methods.simreg import SimReg
 from .models import build_from_config
 from .nonfinite import WeightWatch
 from .paths import config_dir
+from .precision import AUTO, apply_precision, resolved_precision
 from .reporting import HistoryCallback, end_of_run, hydra_run_identity, rich_progress_bar
 from .resume import prepare_resume
 from .runtime import run_folder
@@ -225,6 +226,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()) -> pl.Tr
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last="link", save_top_k=1, every_n_epochs=1,
                            save_on_train_epoch_end=True)
     kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    if kwargs.get("precision") == AUTO:  # Lightning does not know `auto` (entry points resolve it: precision.py)
+        kwargs["precision"] = resolved_precision(kwargs)
     kwargs.setdefault("max_epochs", cfg.optim.epochs)
     if is_ddp_name(kwargs.get("strategy")):  # no per-step re-broadcast of the queues (distributed.py)
         kwargs["strategy"] = ddp_strategy(kwargs["strategy"])
@@ -275,6 +278,7 @@ def start_run(cfg: DictConfig, run_dir: str | Path):
 
 def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
     check_train_startup(cfg)
+    apply_precision(cfg.trainer)  # trainer.precision=auto resolved, logged and recorded in the run's config
     warn_unused_settings(cfg)
     # resume=auto with an earlier run's checkpoint continues in that run's directory (resume.py)
     resume = start_run(cfg, run_dir)
