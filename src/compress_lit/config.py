@@ -150,11 +150,15 @@ class MethodConfig:
     seed_hidden_dim: Optional[int] = None
     # SimReg: linear layers of the prediction head (4: SimReg's projection + prediction heads; 1: one linear layer)
     simreg_head_depth: int = 4
-    # DisCo (method.temperature / momentum / queue_size: its MoCo v2's): weight of the consistency with the teacher,
-    # hidden width of the projector, BatchNorm groups of the shuffled-BN encoders (None: auto, batch // 32)
-    disco_weight: float = 1.0
+    # DisCo (method.temperature / momentum / queue_size: its MoCo v2's): weight of the consistency with the teacher
+    # relative to per-sample means (32: the official sum over each GPU's 32 images, losses/disco.py), hidden width of
+    # the projector, BatchNorm groups of the shuffled-BN encoders (None: auto, batch // 32), and the teacher's
+    # BatchNorm: eval (running statistics) | batch (each group's own statistics, as the official teacher; the
+    # running statistics stay unchanged)
+    disco_weight: float = 32.0
     disco_hidden_dim: int = 2048
     disco_bn_splits: Optional[int] = None
+    disco_teacher_bn: str = "eval"
 
 
 @dataclass
@@ -383,6 +387,11 @@ def validate_train(cfg: DictConfig) -> None:
                 "method.simreg_head_depth", "method.disco_hidden_dim", "method.disco_bn_splits"):
         _positive(cfg, key)
     _positive(cfg, "method.disco_weight", strict=False)
+    _one_of(cfg, "method.disco_teacher_bn", ("eval", "batch"))
+    if cfg.method.name == "disco" and cfg.method.disco_teacher_bn == "batch" \
+            and OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False):
+        raise ConfigError("method.disco_teacher_bn=batch normalises the teacher per BatchNorm group on each device, "
+                          "which trainer.sync_batchnorm=true would synchronise across devices: set one of them off")
     splits = OmegaConf.select(cfg, "method.disco_bn_splits")
     if cfg.method.name == "disco" and splits is not None and splits > 1 and cfg.data.batch_size < 2 * splits:
         raise ConfigError(f"method.disco_bn_splits={splits} is invalid for data.batch_size={cfg.data.batch_size}: "
