@@ -116,32 +116,58 @@ def test_seed_scores_the_queue_before_the_batch_and_enqueues_the_teacher_after_t
 
 
 # ---------------------------------------------------------------------------------------------------- SimReg
+def official_simreg_mlp(d, out, n_layers):
+    """UCDvision/simreg, written out: simreg.py's hidden_dims per --n_mlp_layers (2 and 4 only; anything else
+    exits) and mlp_arch.get_mlp: Linear(h[i], h[i+1]), followed by BatchNorm1d + ReLU only when n_layers == 4 and
+    i != 1, then Linear(h[-1], out)."""
+    hidden = {2: [d, 2 * d], 4: [d, 2 * d, d, 2 * d]}[n_layers]
+    layers = []
+    for i in range(n_layers - 1):
+        layers.append(("Linear", hidden[i], hidden[i + 1]))
+        if i != 1 and n_layers == 4:
+            layers += [("BatchNorm1d", None, None), ("ReLU", None, None)]
+    return layers + [("Linear", hidden[-1], out)]
+
+
 def test_simreg_head_layers_follow_the_official_mlp():
     def shape(head):
         return [(type(m).__name__, getattr(m, "in_features", None), getattr(m, "out_features", None)) for m in head]
     lin, bn, relu = "Linear", ("BatchNorm1d", None, None), ("ReLU", None, None)
+    for depth in (2, 4):  # the official depths: n_mlp_layers 4 (run.sh) and 2
+        assert shape(simreg_head(8, 5, depth)) == official_simreg_mlp(8, 5, depth)
     # depth 4: projection d->2d->d, then prediction d->2d->out, no BatchNorm/ReLU between the two heads
     assert shape(simreg_head(8, 5, 4)) == [(lin, 8, 16), bn, relu, (lin, 16, 8), (lin, 8, 16), bn, relu, (lin, 16, 5)]
-    assert shape(simreg_head(8, 5, 2)) == [(lin, 8, 16), bn, relu, (lin, 16, 5)]
-    assert shape(simreg_head(8, 5, 1)) == [(lin, 8, 5)]  # the Regression baseline's layer
+    assert shape(simreg_head(8, 5, 2)) == [(lin, 8, 16), (lin, 16, 5)]  # official 2: nothing between the layers
+    # no official counterpart (this library's): 1 is the Regression baseline's layer, 3 widens, normalises, narrows
+    assert shape(simreg_head(8, 5, 1)) == [(lin, 8, 5)]
+    assert shape(simreg_head(8, 5, 3)) == [(lin, 8, 16), bn, relu, (lin, 16, 8), (lin, 8, 5)]
     with pytest.raises(ValueError, match="depth"):
         simreg_head(8, 5, 0)
 
 
 def test_simreg_loss_is_the_regression_of_a_hand_computed_head():
-    module = make("simreg", head_depth=2)
+    module = make("simreg", head_depth=2)  # the official n_mlp_layers=2: two linear layers
     module.train()
     x = images(6)
     s, t = module.student(x), module.teacher(x)
     loss, logs = module.distill(x, s, t)
-    l1, bn, _, l2 = module.head
-    h = s @ l1.weight.t() + l1.bias
-    h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + bn.eps) * bn.weight + bn.bias  # train mode
-    pred = torch.relu(h) @ l2.weight.t() + l2.bias
+    l1, l2 = module.head
+    pred = (s @ l1.weight.t() + l1.bias) @ l2.weight.t() + l2.bias
     p, q = F.normalize(pred, dim=1), F.normalize(t, dim=1)
     torch.testing.assert_close(loss, (2 - 2 * (p * q).sum(1)).mean())
     torch.testing.assert_close(loss, regression_loss(pred, t))
     torch.testing.assert_close(logs["cosine"], (p * q).sum(1).mean().detach())
+    # depth 4 in train mode: BatchNorm with the batch's statistics after the widening layers
+    module = make("simreg")
+    module.train()
+    l1, bn1, _, l2, l3, bn2, _, l4 = module.head
+    h = s.detach() @ l1.weight.t() + l1.bias
+    h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + bn1.eps) * bn1.weight + bn1.bias
+    h = (torch.relu(h) @ l2.weight.t() + l2.bias) @ l3.weight.t() + l3.bias
+    h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + bn2.eps) * bn2.weight + bn2.bias
+    pred = torch.relu(h) @ l4.weight.t() + l4.bias
+    loss, _ = module.distill(x, s.detach(), t)
+    torch.testing.assert_close(loss, regression_loss(pred, t))
 
 
 # ----------------------------------------------------------------------------------------------------- DisCo

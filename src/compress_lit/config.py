@@ -148,7 +148,9 @@ class MethodConfig:
     # SEED (method.temperature: the teacher's, method.student_temperature: the student's): hidden width of the
     # student's MLP head (None: the student's embedding width, as SEED's Linear d->d, ReLU, Linear)
     seed_hidden_dim: Optional[int] = None
-    # SimReg: linear layers of the prediction head (4: SimReg's projection + prediction heads; 1: one linear layer)
+    # SimReg: linear layers of the prediction head. The official code has 2 and 4 (--n_mlp_layers): 4 its projection +
+    # prediction heads, 2 two linear layers d->2d->out with nothing between them; 1 (one linear layer: the Regression
+    # baseline), 3 and 5+ are this library's own, with no official counterpart (methods/simreg.py)
     simreg_head_depth: int = 4
     # DisCo (method.temperature / momentum / queue_size: its MoCo v2's): weight of the consistency with the teacher
     # relative to per-sample means (32: the official sum over each GPU's 32 images, losses/disco.py), hidden width of
