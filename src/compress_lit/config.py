@@ -86,6 +86,8 @@ class StudentConfig:
     # AlexNet only: dropout before fc6 and fc7. 0 (default) as the official CompReSS AlexNet, whose dropout layers
     # are commented out; torchvision's classifier uses 0.5
     dropout: float = 0.0
+    # EfficientNet-B0 only: stochastic depth rate (None: 0.2, torchvision's and SEED's; DisCo's timm model has 0)
+    drop_path: Optional[float] = None
     vit: ViTOptions = field(default_factory=ViTOptions)  # ViT students only (e.g. student=vit_tiny_small)
     # a linear layer embedding -> train_head_dim used only in training (docs/paper.md: ResNet-50 student 2048 -> 8192);
     # dropped at evaluation and export
