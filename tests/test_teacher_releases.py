@@ -416,13 +416,31 @@ def test_classifier_file_as_vicreg_names_fc_and_fits_torchvision(tmp_path):
     assert "unexpected 2 keys: fc.weight, fc.bias" in msg and "fits format 'torchvision'" in msg
 
 
-def test_ddp_prefixed_backbone_as_dino_names_the_prefix(tmp_path):
+@pytest.mark.parametrize("fmt", ["dino", "barlowtwins", "vicreg"])
+def test_a_ddp_prefixed_backbone_loads_under_the_plain_formats_and_another_prefix_is_named(tmp_path, fmt):
+    """A plain release layout has no prefix, so a DataParallel / DDP ``module.`` on every key is unambiguous: it is
+    stripped once. Any other prefix (``backbone.``, ``encoder.``) is still a layout the format does not read."""
     src = randomised_resnet50(width_multiplier=0.25, small_input=True)
     path = tmp_path / "wrapped.pth"
     torch.save({f"module.{k}": v for k, v in src.state_dict().items()}, path)
-    msg = load_error(path, "dino", small_r50())
-    assert "every key starts with ['module.']" in msg and "module.conv1.weight" in msg
-    assert "fits format 'swav'" in msg  # SwAV's release is exactly that: module.<torchvision key>
+    model = small_r50()
+    load_backbone_state(str(path), fmt, model)
+    x = images(32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), src(x), rtol=0, atol=0)
+    other = tmp_path / "encoder.pth"
+    torch.save({f"encoder.{k}": v for k, v in src.state_dict().items()}, other)
+    msg = load_error(other, fmt, small_r50())
+    assert "every key starts with ['encoder.']" in msg and "encoder.conv1.weight" in msg
+
+
+def test_a_ddp_prefixed_dinov2_file_loads(tmp_path):
+    sd = vit_release_state_dict(32, 2, 14, 2, layer_scale=True, mask_token=True)
+    path = tmp_path / "dinov2_ddp.pth"
+    torch.save({f"module.{k}": v for k, v in sd.items()}, path)
+    model = build_backbone("vit_small_patch14_dinov2", img_size=28, **TINY)
+    load_backbone_state(str(path), "dinov2", model)
+    assert torch.equal(model.state_dict()["cls_token"], sd["cls_token"])
 
 
 def test_dino_and_mocov3_vit_files_are_told_apart(tmp_path):

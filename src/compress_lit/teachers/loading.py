@@ -52,8 +52,9 @@ def _guess(fmt: str, obj: Any, model: nn.Module) -> str:
     return "; no other format fits it either"
 
 
-def load_state(path: str, fmt: str, model: nn.Module) -> int:
-    """Load and return the number of tensors taken from the file."""
+def load_state_noted(path: str, fmt: str, model: nn.Module) -> tuple[int, list[str]]:
+    """Load; return the number of tensors taken from the file and what the format undid in its layout (a training
+    checkpoint's wrapper, a DataParallel / DDP prefix: :mod:`.wrappers`)."""
     if fmt not in FORMATS:
         raise TeacherLoadError(f"teacher checkpoint {path!r}: unknown format {fmt!r}; "
                                f"choose one of {list(CHECKPOINT_FORMATS)}")
@@ -64,19 +65,27 @@ def load_state(path: str, fmt: str, model: nn.Module) -> int:
     except LayoutMismatch as e:
         raise TeacherLoadError(f"teacher checkpoint {path!r} does not fit format {fmt!r}: {e}"
                                f"{_guess(fmt, obj, model)}") from None
+    notes = list(getattr(mapped, "notes", ()))
+    undone = f" ({'; '.join(notes)})" if notes else ""
     state, problems = check_mapping(mapped, model)
     own = set(model.state_dict())
     if not any(m in own for _, m, _ in mapped if m is not None):
         keys = [f for f, m, _ in mapped if m is not None]
         raise TeacherLoadError(
-            f"teacher checkpoint {path!r} does not fit format {fmt!r}: none of its keys maps onto the backbone "
-            f"({type(model).__name__}); file keys: {sample(keys)}{_guess(fmt, obj, model)}; "
+            f"teacher checkpoint {path!r} does not fit format {fmt!r}{undone}: none of its keys maps onto the "
+            f"backbone ({type(model).__name__}); file keys: {sample(keys)}{_guess(fmt, obj, model)}; "
             + "; ".join(problems))
     if problems:
-        raise TeacherLoadError(f"teacher checkpoint {path!r} (format {fmt!r}) does not match the backbone "
-                               f"({type(model).__name__}): " + "; ".join(problems) + _guess(fmt, obj, model))
+        raise TeacherLoadError(f"teacher checkpoint {path!r} (format {fmt!r}{', ' + '; '.join(notes) if notes else ''})"
+                               f" does not match the backbone ({type(model).__name__}): " + "; ".join(problems)
+                               + _guess(fmt, obj, model))
     model.load_state_dict(state, strict=True)
-    return sum(1 for _, m, _ in mapped if m is not None)  # every mapped tensor was loaded
+    return sum(1 for _, m, _ in mapped if m is not None), notes  # every mapped tensor was loaded
+
+
+def load_state(path: str, fmt: str, model: nn.Module) -> int:
+    """Load and return the number of tensors taken from the file."""
+    return load_state_noted(path, fmt, model)[0]
 
 
 def load_backbone_state(path: str, fmt: str, model: nn.Module) -> None:
@@ -86,8 +95,9 @@ def load_backbone_state(path: str, fmt: str, model: nn.Module) -> None:
     file, a top-level structure that does not fit the format, and any missing key, unexpected key or shape
     mismatch; only ``*.num_batches_tracked`` buffers may be absent from the file.
     """
-    n = load_state(path, fmt, model)
-    log.debug("loaded %d tensors from %s (format %s)", n, path, fmt)
+    n, notes = load_state_noted(path, fmt, model)
+    (log.info if notes else log.debug)("loaded %d tensors from %s (format %s%s)", n, path, fmt,
+                                       "".join(f"; {note}" for note in notes))
 
 
 def build_teacher(cfg: Any) -> FrozenTeacher:
@@ -106,11 +116,12 @@ def build_teacher(cfg: Any) -> FrozenTeacher:
         if not path:
             raise TeacherLoadError(f"teacher {name!r}: format {fmt!r} needs a checkpoint path (teacher.checkpoint)")
         path = os.path.expanduser(str(path))
-        n = load_state(path, fmt, backbone)
-        log.info("teacher %s (%s): loaded %d tensors from %s (format %s)", name, cfg.arch, n, path, fmt)
+        n, notes = load_state_noted(path, fmt, backbone)
+        log.info("teacher %s (%s): loaded %d tensors from %s (format %s%s)", name, cfg.arch, n, path, fmt,
+                 "".join(f"; {note}" for note in notes))
     teacher = FrozenTeacher(backbone, name=name)
     log.info("teacher %s: embed_dim %d, fingerprint %s", name, teacher.embed_dim, teacher.fingerprint())
     return teacher
 
 
-__all__ = ["arch_problem", "build_teacher", "check_arch", "load_backbone_state", "load_state"]
+__all__ = ["arch_problem", "build_teacher", "check_arch", "load_backbone_state", "load_state", "load_state_noted"]
