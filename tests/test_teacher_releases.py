@@ -457,6 +457,47 @@ def test_dino_and_mocov3_vit_files_are_told_apart(tmp_path):
     assert "epoch, arch, state_dict" in msg and "fits format 'mocov3'" in msg
 
 
+# ---- the hint: other architectures, named by their presets ----------------------------------------------------------
+def test_a_dino_vit_file_given_with_a_resnet_arch_names_the_preset_that_reads_it(tmp_path):
+    """Real ViT-S/16 sizes (DINO's dino_deitsmall16_pretrain.pth layout): given as a ResNet-50 no format fits with
+    that architecture, but the preset dino_vits16 does: the hint names it (not "no other format fits")."""
+    path = tmp_path / "dino_deitsmall16_pretrain.pth"
+    torch.save({k: torch.zeros_like(v) for k, v in vit_release_state_dict(384, 12, 16, 14).items()}, path)
+    for fmt in ("torchvision", "dino"):  # teacher=torchvision_resnet50 / dino_resnet50 given the ViT file
+        msg = load_error(path, fmt, build_backbone("resnet50"))
+        assert ("this is a DINO ViT-S/16 file: teacher=dino_vits16 (format 'dino', teacher.arch=vit_small_patch16)"
+                in msg), msg
+        assert "no other format" not in msg and "fits format" not in msg  # nothing with the ResNet-50 itself
+
+
+def test_a_mocov3_vits_file_given_as_dino_names_the_12_head_preset(tmp_path):
+    """MoCo v3's ViT-S/16 has DINO's weight shapes but 12 heads: as DINO's ViT-S (format dino) its wrapper does not
+    fit, mocov3 refuses vit_small_patch16, and the preset that reads it is mocov3_vits (its own 12-head arch)."""
+    path = tmp_path / "vit-s-300ep.pth.tar"
+    base = {k: torch.zeros_like(v) for k, v in vit_release_state_dict(384, 12, 16, 14).items()}
+    torch.save(mocov3_checkpoint(base, "vit_small", "head", 384), path)
+    msg = load_error(path, "dino", build_backbone("vit_small_patch16"))
+    assert "this is a MoCo v3 ViT-S/16 file: teacher=mocov3_vits (format 'mocov3', " \
+           "teacher.arch=vit_small_patch16_mocov3)" in msg
+
+
+def test_a_file_nothing_reads_says_so_and_a_plain_resnet50_names_every_preset_it_fits(tmp_path):
+    path = tmp_path / "junk.pth"
+    torch.save({"weight": torch.zeros(3, 3)}, path)
+    msg = load_error(path, "torchvision", small_r50())
+    assert "no other format fits it with teacher.arch=resnet50, and no teacher preset (conf/teacher/) fits it" in msg
+    import torchvision
+
+    tv = torchvision.models.resnet50(weights=None)
+    sd = {k: torch.zeros_like(v) for k, v in tv.state_dict().items() if not k.startswith("fc.")}
+    plain = tmp_path / "resnet50.pth"
+    torch.save(sd, plain)
+    msg = load_error(plain, "mocov3", build_backbone("resnet50"))  # a plain ResNet-50 backbone without fc
+    assert "fits format 'barlowtwins' / 'dino' / 'torchvision' / 'vicreg' instead" in msg
+    for preset in ("barlowtwins_resnet50", "dino_resnet50", "torchvision_resnet50", "vicreg_resnet50"):
+        assert f"teacher={preset} (" in msg
+
+
 def test_dinov2_file_as_torchvision_names_the_mask_token_and_fits_dinov2(tmp_path):
     path = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(vit_release_state_dict(32, 2, 14, 2, layer_scale=True, mask_token=True), path)

@@ -1,7 +1,7 @@
 """Loading a teacher: build the architecture, map the file's keys with its format, check them, freeze.
 
 Every error names the file, the format and the keys (:class:`~.checkpoint.TeacherLoadError`); when the file fits
-another format, the message says which.
+another format, or a teacher preset of another architecture, the message says which (:mod:`.hints`).
 """
 from __future__ import annotations
 
@@ -35,21 +35,10 @@ def check_arch(fmt: str, model: nn.Module, where: str) -> None:
         raise TeacherLoadError(f"{where}: {why}")
 
 
-def _fits(fmt: str, obj: Any, model: nn.Module) -> bool:
-    if arch_problem(fmt, getattr(model, "arch_name", None)):
-        return False
-    try:
-        _, problems = check_mapping(FORMATS[fmt].map(obj, model), model)
-    except LayoutMismatch:
-        return False
-    return not problems
-
-
 def _guess(fmt: str, obj: Any, model: nn.Module) -> str:
-    fits = [f for f in CHECKPOINT_FORMATS if f != fmt and _fits(f, obj, model)]
-    if fits:
-        return f"; the file fits format {' / '.join(repr(f) for f in fits)} instead"
-    return "; no other format fits it either"
+    from .hints import guess  # the other formats, then the teacher presets of every architecture
+
+    return guess(fmt, obj, model)
 
 
 def load_state_noted(path: str, fmt: str, model: nn.Module) -> tuple[int, list[str]]:
