@@ -498,6 +498,53 @@ def test_a_file_nothing_reads_says_so_and_a_plain_resnet50_names_every_preset_it
         assert f"teacher={preset} (" in msg
 
 
+# ---- a ViT under a format that reads any file: the head count must be confirmed ------------------------------------
+def test_a_vit_s_file_under_torchvision_needs_its_head_count_confirmed(tmp_path):
+    """MoCo v3's ViT-S base encoder saved as a plain state_dict (as a user exports it) has exactly DeiT-S's / DINO's
+    ViT-S/16 shapes: teacher.format=torchvision cannot tell 6 heads from 12, so it refuses until
+    teacher.vit.num_heads says which; with 12 the teacher computes MoCo v3's ViT-S (timm, 12 heads), with 6 not."""
+    sd = vit_release_state_dict(384, 12, 16, 14, seed=3)
+    path = tmp_path / "mocov3_vits_base_encoder.pth"
+    torch.save(sd, path)
+    cfg = TeacherConfig(name="t", arch="vit_small_patch16", format="torchvision", checkpoint=str(path))
+    with pytest.raises(TeacherLoadError, match=r"confirm it with teacher\.vit\.num_heads=<n>") as e:
+        build_teacher(cfg)
+    assert "vit_small_patch16_mocov3 (12 heads)" in str(e.value) and "(6 heads)" in str(e.value)
+    x = images(32)
+    with torch.no_grad():
+        want = dino_interpolated_forward(timm_source(sd, patch=16, img_size=224, heads=12), x)  # MoCo v3's ViT-S
+    twelve = build_teacher(TeacherConfig(name="t", arch="vit_small_patch16", format="torchvision",
+                                         checkpoint=str(path), vit=ViTOptions(num_heads=12)))
+    assert_same(twelve, want, x)
+    six = build_teacher(TeacherConfig(name="t", arch="vit_small_patch16", format="torchvision", checkpoint=str(path),
+                                      vit=ViTOptions(num_heads=6)))
+    assert not torch.allclose(six(x), want, atol=1e-3)  # the same file, another function: why it is refused
+    # the release formats fix the head count; an architecture no other shares its shapes with needs nothing
+    from compress_lit.teachers.loading import heads_problem
+
+    assert heads_problem("dino", "vit_small_patch16", None) is None
+    assert heads_problem("torchvision", "vit_small_patch16_mocov3", None) is not None
+    assert heads_problem("compress_lit", "vit_small_patch16", None) is not None
+    assert heads_problem("torchvision", "vit_base_patch16", None) is None
+    assert heads_problem("torchvision", "vit_tiny_patch16", None) is None
+
+
+def test_validation_requires_the_head_count_at_start_up():
+    from hydra import compose, initialize_config_dir
+
+    from compress_lit.config import ConfigError, register_configs, validate_train
+
+    register_configs()
+    base = ["teacher=torchvision_resnet50", "teacher.checkpoint=/x.pth", "teacher.arch=vit_small_patch16",
+            "data.image_size=32"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=base)
+        confirmed = compose(config_name="train", overrides=[*base, "teacher.vit.num_heads=6"])
+    with pytest.raises(ConfigError, match=r"^teacher\.vit\.num_heads is required: teacher\.format=torchvision"):
+        validate_train(cfg)
+    validate_train(confirmed)
+
+
 def test_dinov2_file_as_torchvision_names_the_mask_token_and_fits_dinov2(tmp_path):
     path = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(vit_release_state_dict(32, 2, 14, 2, layer_scale=True, mask_token=True), path)

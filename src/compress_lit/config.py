@@ -361,6 +361,8 @@ def _validate_common(cfg: DictConfig) -> None:
         for key, why in (option_problems(node) if node is not None else []):
             value = OmegaConf.select(node, key) if key != "vit" else OmegaConf.to_container(node.vit)
             raise ConfigError(f"{group}.{key}={value!r} is invalid for {group}.arch={node.arch}: {why}")
+    for group in ("student", "teacher"):
+        _check_patch_grid(cfg, group)
     drop = OmegaConf.select(cfg, "student.dropout", default=0.0) or 0.0
     if not 0 <= drop < 1:
         raise ConfigError(f"student.dropout={drop} is invalid: need 0 <= p < 1")
@@ -371,6 +373,44 @@ def _validate_common(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.milestones={ms} is invalid: need increasing positive epochs")
 
 
+#: a ViT sees image_size / patch_size patches per side; fewer than this many per side is warned about
+MIN_PATCH_GRID = 4
+
+
+def vit_patch_size(node: Any) -> Optional[int]:
+    """The patch size of a ``student`` / ``teacher`` node's ViT architecture (with its ``small_input`` and ``vit.*``
+    overrides); None for other architectures."""
+    from .models import backbone_options, is_vit
+    from .models.vit import OVERRIDABLE, VIT_SPECS, resolve_spec
+
+    if node is None or not is_vit(str(node.arch)):
+        return None
+    opts = backbone_options(node)
+    return resolve_spec(VIT_SPECS[str(node.arch)], opts["small_input"], **{k: opts.get(k) for k in OVERRIDABLE}
+                        ).patch_size
+
+
+def _check_patch_grid(cfg: DictConfig, group: str) -> None:
+    """A ViT cuts the image into patch x patch squares: ``data.image_size`` must be a multiple of the patch size (a
+    ConfigError naming both keys), and fewer than 4 x 4 patches is warned about."""
+    node = cfg.get(group)
+    patch = vit_patch_size(node)
+    size = int(cfg.data.image_size)
+    if patch is None:
+        return
+    key = f", {group}.vit.patch_size" if OmegaConf.select(node, "vit.patch_size") is not None else ""
+    where = f"{group}.arch={node.arch} (patch {patch} px{key})"
+    if size % patch:
+        lo, hi = size // patch * patch, (size // patch + 1) * patch
+        near = f"{lo} or {hi}" if lo else f"{hi}"
+        raise ConfigError(f"data.image_size={size} is not a multiple of the patch size of {where}: the ViT cuts the "
+                          f"image into {patch} x {patch} patches; use data.image_size={near}, or another {group}")
+    if size // patch < MIN_PATCH_GRID:
+        log.warning("data.image_size=%d gives %s only %d x %d patches (fewer than %d x %d): its attention has "
+                    "almost nothing to relate; a larger data.image_size or a smaller patch (a small-input %s) sees "
+                    "more", size, where, size // patch, size // patch, MIN_PATCH_GRID, MIN_PATCH_GRID, group)
+
+
 def validate_train(cfg: DictConfig) -> None:
     """Range and consistency checks for `compress_lit.train`; raises ConfigError naming the key."""
     _validate_common(cfg)
@@ -379,12 +419,15 @@ def validate_train(cfg: DictConfig) -> None:
     _positive(cfg, "method.student_temperature")
     _one_of(cfg, "method.name", METHODS)
     _one_of(cfg, "teacher.format", teacher_formats())
-    from .teachers.loading import arch_problem
+    from .teachers.loading import arch_problem, heads_problem
 
     why = arch_problem(cfg.teacher.format, cfg.teacher.arch)
     if why:
         raise ConfigError(f"teacher.arch={cfg.teacher.arch!r} is invalid for teacher.format={cfg.teacher.format}: "
                           f"{why}")
+    why = heads_problem(cfg.teacher.format, cfg.teacher.arch, OmegaConf.select(cfg, "teacher.vit.num_heads"))
+    if why:
+        raise ConfigError(f"teacher.vit.num_heads is required: {why}")
     _one_of(cfg, "method.queue_dtype", ("float32", "float16", "bfloat16"))
     for key in ("method.crd_dim", "method.crd_negatives", "method.crd_temperature", "method.cc_clusters",
                 "method.cc_kmeans_iters", "student.train_head_dim", "method.seed_hidden_dim",

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..models import build_from_config
+from ..models import backbone_options, build_from_config
 from .checkpoint import LayoutMismatch, TeacherLoadError, check_mapping, read_checkpoint, sample
 from .formats import CHECKPOINT_FORMATS, FORMATS
 from .frozen import FrozenTeacher
@@ -26,6 +26,36 @@ def arch_problem(fmt: str, arch: str | None) -> str | None:
         return None
     note = f" ({spec.arch_note})" if spec.arch_note else ""
     return f"format {fmt!r} fits teacher.arch one of {list(spec.archs)}, not {arch!r}{note}"
+
+
+def _shapes(spec) -> tuple:
+    """What a ViT's weight shapes depend on (not its head count: ``attn.qkv`` is (3 D, D) for any number of heads)."""
+    return spec.patch_size, spec.embed_dim, spec.depth, spec.img_size, spec.layer_scale, spec.registers
+
+
+def heads_problem(fmt: str, arch: str | None, num_heads: int | None) -> str | None:
+    """Why a ViT file cannot load as ``arch`` in format ``fmt`` without its head count confirmed (None when it can).
+
+    A release format fixes the architecture (DINO's ViT-S/16 has 6 heads, MoCo v3's 12: ``teacher.format=dino`` /
+    ``mocov3`` refuse the other). A format that takes any architecture (``torchvision``, ``compress_lit`` ...)
+    cannot tell them apart: the heads split ``attn.qkv`` without changing a single shape, so a MoCo v3 ViT-S file
+    would load silently into DINO's 6-head ViT-S and compute something else. For an architecture that shares its
+    weight shapes with another of another head count, ``teacher.vit.num_heads`` must say which."""
+    from ..models.vit import VIT_SPECS
+
+    spec = FORMATS.get(fmt)
+    if spec is None or spec.archs is not None or num_heads is not None or arch not in VIT_SPECS:
+        return None
+    mine = VIT_SPECS[arch]
+    others = [(n, s.num_heads) for n, s in VIT_SPECS.items()
+              if _shapes(s) == _shapes(mine) and s.num_heads != mine.num_heads]
+    if not others:
+        return None
+    alts = ", ".join(f"{n} ({h} heads)" for n, h in others)
+    return (f"teacher.format={fmt} reads any file, and the weights of teacher.arch={arch} ({mine.num_heads} heads) "
+            f"have exactly the shapes of {alts}: the head count changes the outputs, not the file, so it cannot be "
+            f"told from the weights; confirm it with teacher.vit.num_heads=<n> (DeiT-S and DINO's ViT-S: 6, MoCo v3's "
+            f"ViT-S: 12), or load a release with its own format (teacher=dino_vits16, teacher=mocov3_vits)")
 
 
 def check_arch(fmt: str, model: nn.Module, where: str) -> None:
@@ -98,6 +128,9 @@ def build_teacher(cfg: Any) -> FrozenTeacher:
     except ValueError as e:
         raise TeacherLoadError(f"teacher {getattr(cfg, 'name', None) or cfg.arch!r}: {e}") from None
     name = getattr(cfg, "name", None) or cfg.arch
+    why = heads_problem(fmt, str(cfg.arch), backbone_options(cfg).get("num_heads"))
+    if why:
+        raise TeacherLoadError(f"teacher {name!r}: {why}")
     if fmt == "random":
         log.warning("teacher %s (%s): format 'random', no checkpoint loaded (randomly initialised)", name, cfg.arch)
     else:
@@ -113,4 +146,5 @@ def build_teacher(cfg: Any) -> FrozenTeacher:
     return teacher
 
 
-__all__ = ["arch_problem", "build_teacher", "check_arch", "load_backbone_state", "load_state", "load_state_noted"]
+__all__ = ["arch_problem", "build_teacher", "check_arch", "heads_problem", "load_backbone_state", "load_state",
+           "load_state_noted"]
