@@ -121,6 +121,8 @@ def test_every_group_option_composes_and_validates(group, option):
         overrides.append("teacher.checkpoint=/ckpt/teacher.pth")
     if group == "teacher" and option.startswith("dinov2"):  # 14-px patches: digits' 16 px is not a multiple
         overrides.append("data.image_size=28")
+    if group == "teacher" and option == "timm":  # a timm model by name (its weights: the HF cache or a file)
+        overrides.append("teacher.name=resnet18.a1_in1k")
     if group == "data" and option in ("imagenet", "places205"):  # user-provided ImageFolder trees
         overrides.append(f"data.root=/data/{option}")
     validate_train(train_cfg(*overrides))

@@ -160,7 +160,7 @@ def mocov3_checkpoint(base: dict, arch: str, head_key: str, embed: int) -> dict:
 def test_every_format_module_is_registered_and_a_choice_of_teacher_format():
     assert {"dino", "dinov2", "mocov3", "barlowtwins", "vicreg", "moco", "swav", "simclr_tf", "simclr_converted",
             "torchvision", "compress_lit"} == set(CHECKPOINT_FORMATS)
-    assert teacher_formats() == (*CHECKPOINT_FORMATS, "random")
+    assert teacher_formats() == (*CHECKPOINT_FORMATS, "random", "timm")
     from compress_lit.config import TEACHER_FORMATS
     from compress_lit.evaluation.settings import MODEL_FORMATS
 

@@ -18,10 +18,11 @@ log = logging.getLogger(__name__)
 
 def teacher_formats() -> tuple[str, ...]:
     """Every checkpoint format of ``compress_lit/teachers/formats/`` (one module per release family; imported on
-    first use, so that reading the schema does not import torch) and ``random``."""
+    first use, so that reading the schema does not import torch), ``random`` and ``timm`` (a model built by timm from
+    ``teacher.name``, with its pretrained weights: ``teacher=timm``)."""
     from .teachers.formats import CHECKPOINT_FORMATS
 
-    return (*CHECKPOINT_FORMATS, "random")
+    return (*CHECKPOINT_FORMATS, "random", "timm")
 
 
 def __getattr__(name: str):
@@ -356,6 +357,9 @@ def _validate_common(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.knn_k={list(cfg.eval.knn_k)} is invalid: every k must be > 0")
     for group in ("student", "teacher"):
         node = cfg.get(group)
+        if group == "teacher" and node is not None and _is_timm_teacher(node):
+            _validate_timm_teacher(cfg)  # timm builds it: its name, not our architectures
+            continue
         if node is not None and node.arch not in ARCHITECTURES:
             raise ConfigError(f"{group}.arch={node.arch!r} is invalid: choose one of {sorted(ARCHITECTURES)}")
         for key, why in (option_problems(node) if node is not None else []):
@@ -371,6 +375,36 @@ def _validate_common(cfg: DictConfig) -> None:
     ms = list(cfg.optim.milestones)
     if ms != sorted(ms) or any(m <= 0 for m in ms):
         raise ConfigError(f"optim.milestones={ms} is invalid: need increasing positive epochs")
+
+
+def _is_timm_teacher(node: Any) -> bool:
+    return OmegaConf.select(node, "format") == "timm" or OmegaConf.select(node, "arch") == "timm"
+
+
+def _validate_timm_teacher(cfg: DictConfig) -> None:
+    """``teacher=timm``: format and arch both ``timm``, ``teacher.name`` a timm model, the embedding one of ours."""
+    t = cfg.teacher
+    if t.format != "timm" or t.arch != "timm":
+        raise ConfigError(f"teacher.format={t.format} with teacher.arch={t.arch}: a timm teacher takes both "
+                          f"teacher.format=timm and teacher.arch=timm (teacher=timm), its model named by teacher.name")
+    from .teachers.timm_teacher import name_problem
+
+    name = OmegaConf.select(t, "name", throw_on_missing=False)
+    why = name_problem(name)
+    if why:
+        raise ConfigError(f"teacher.name is required: {why}" if not name
+                          else f"teacher.name={name!r} is invalid: {why}")
+    from .models.timm_backbone import token_layout
+    from .models.vit import EMBEDDINGS
+
+    if t.embedding is not None and t.embedding not in EMBEDDINGS:
+        raise ConfigError(f"teacher.embedding={t.embedding!r} is invalid: choose one of {list(EMBEDDINGS)}")
+    if t.embedding is not None and not token_layout(str(name))[0]:
+        raise ConfigError(f"teacher.embedding={t.embedding!r} is invalid for teacher.name={name}: it applies to ViT "
+                          f"models only (this one gives timm's pre-logits feature)")
+    set_vit = [k for k, v in OmegaConf.to_container(t.vit).items() if v is not None]
+    if set_vit:
+        raise ConfigError(f"teacher.vit.{set_vit[0]} is invalid for teacher=timm: timm's {name} fixes its sizes")
 
 
 #: a ViT sees image_size / patch_size patches per side; fewer than this many per side is warned about
@@ -394,12 +428,21 @@ def _check_patch_grid(cfg: DictConfig, group: str) -> None:
     """A ViT cuts the image into patch x patch squares: ``data.image_size`` must be a multiple of the patch size (a
     ConfigError naming both keys), and fewer than 4 x 4 patches is warned about."""
     node = cfg.get(group)
-    patch = vit_patch_size(node)
+    if node is None:
+        return
+    if group == "teacher" and _is_timm_teacher(node):
+        from .models.timm_backbone import patch_size
+
+        name = OmegaConf.select(node, "name", throw_on_missing=False)
+        patch = patch_size(str(name)) if name and OmegaConf.select(node, "format") == "timm" else None
+        where = f"{group}.name={name} (timm; patch {patch} px)"
+    else:
+        patch = vit_patch_size(node)
+        key = f", {group}.vit.patch_size" if OmegaConf.select(node, "vit.patch_size") is not None else ""
+        where = f"{group}.arch={node.arch} (patch {patch} px{key})"
     size = int(cfg.data.image_size)
     if patch is None:
         return
-    key = f", {group}.vit.patch_size" if OmegaConf.select(node, "vit.patch_size") is not None else ""
-    where = f"{group}.arch={node.arch} (patch {patch} px{key})"
     if size % patch:
         lo, hi = size // patch * patch, (size // patch + 1) * patch
         near = f"{lo} or {hi}" if lo else f"{hi}"
@@ -448,7 +491,7 @@ def validate_train(cfg: DictConfig) -> None:
         raise ConfigError(f"method.crd_memory_momentum={crd_m} is invalid: need 0 <= m < 1")
     if not 0 <= cfg.method.momentum < 1:
         raise ConfigError(f"method.momentum={cfg.method.momentum} is invalid: need 0 <= m < 1")
-    if cfg.teacher.format not in ("random",) and not cfg.teacher.checkpoint:
+    if cfg.teacher.format not in ("random", "timm") and not cfg.teacher.checkpoint:
         raise ConfigError(f"teacher.checkpoint is required for teacher.format={cfg.teacher.format!r}")
     if cfg.method.one_queue and cfg.method.use_momentum_encoder:
         raise ConfigError("method.one_queue=true uses no student queue: set method.use_momentum_encoder=false")

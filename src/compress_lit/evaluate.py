@@ -4,7 +4,8 @@
 distillation (or MoCo pretraining) checkpoint of this project records its student's architecture and its training
 data, so ``checkpoint=`` alone suffices; a teacher file needs ``model_format=<moco|swav|simclr_tf|
 simclr_converted|torchvision|compress_lit|dino|dinov2|mocov3|barlowtwins|vicreg|random> model.arch=...
-[model.small_input=true model.embedding=... model.vit.* ...] data=<preset>``.
+[model.small_input=true model.embedding=... model.vit.* ...] data=<preset>``; a timm model:
+``model_format=timm model.arch=timm model.name=<model>.<pretrained tag> [checkpoint=<its file>]``.
 ``model_format=pixels data=<preset>`` (no checkpoint) scores the flattened normalised image itself: the floor
 a learned embedding should beat (raw pixels are strong on small grey data sets such as Fashion-MNIST).
 ``layer=`` picks another layer (AlexNet conv1..fc7, ResNet stem/layer1..4/pool; spatial maps are average-pooled:

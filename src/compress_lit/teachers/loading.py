@@ -18,6 +18,9 @@ from .frozen import FrozenTeacher
 
 log = logging.getLogger(__name__)
 
+#: ``teacher.format=timm`` (with ``teacher.arch=timm``): a model built by timm from ``teacher.name``
+TIMM = "timm"
+
 
 def arch_problem(fmt: str, arch: str | None) -> str | None:
     """Why ``arch`` cannot read format ``fmt``'s releases (None when it can, or when the format takes any)."""
@@ -121,8 +124,14 @@ def load_backbone_state(path: str, fmt: str, model: nn.Module) -> None:
 
 def build_teacher(cfg: Any) -> FrozenTeacher:
     """Build ``cfg.arch`` (with ``cfg``'s architecture options) and load ``cfg.checkpoint`` in ``cfg.format``
-    (nothing for ``random``), frozen."""
+    (nothing for ``random``; ``timm``: timm builds ``cfg.name`` with its pretrained weights), frozen."""
     fmt = cfg.format
+    if fmt == TIMM:  # built by timm with its own weights (teachers/timm_teacher.py)
+        from .timm_teacher import build_timm_backbone
+
+        teacher = FrozenTeacher(build_timm_backbone(cfg), name=str(cfg.name))
+        log.info("teacher %s: embed_dim %d, fingerprint %s", cfg.name, teacher.embed_dim, teacher.fingerprint())
+        return teacher
     try:
         backbone = build_from_config(cfg)
     except ValueError as e:
@@ -146,5 +155,5 @@ def build_teacher(cfg: Any) -> FrozenTeacher:
     return teacher
 
 
-__all__ = ["arch_problem", "build_teacher", "check_arch", "heads_problem", "load_backbone_state", "load_state",
+__all__ = ["TIMM", "arch_problem", "build_teacher", "check_arch", "heads_problem", "load_backbone_state", "load_state",
            "load_state_noted"]
