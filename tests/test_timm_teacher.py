@@ -129,3 +129,16 @@ def test_the_timm_preset_validates_at_start_up():
         with pytest.raises(ConfigError) as e:
             validate_train(train_cfg("teacher=timm", *overrides))
         assert str(e.value).startswith(message), str(e.value)
+
+
+def test_evaluate_scores_a_timm_model_from_its_file(tmp_path):
+    """`compress_lit.evaluate model_format=timm model.arch=timm model.name=... checkpoint=<file>`."""
+    from compress_lit.evaluate import run_evaluate
+
+    path = save(randomised("resnet18"), tmp_path / "model.safetensors")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            f"checkpoint={path}", "model_format=timm", "model.arch=timm", "model.name=resnet18.a1_in1k",
+            "data=digits", "data.val_subset=100", "eval=[knn]", "knn.backend=torch", "cache=false", "progress=false"])
+    res = run_evaluate(cfg, tmp_path / "ev")
+    assert res["num_val"] == 100 and 0 <= res["knn"]["top1_k1"] <= 100
