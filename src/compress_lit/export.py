@@ -144,6 +144,17 @@ def teacher_from_config(config: dict) -> tuple[Optional[nn.Module], str, str]:
               embedding=t.get("embedding"), vit=t.get("vit"))
     path, fmt = t.get("checkpoint"), t.get("format") or "torchvision"
     note = None
+    if fmt == "timm":  # timm builds it: its weights from the file or the Hugging Face cache, else random
+        from .models.timm_backbone import TimmBackbone, create
+        from .teachers import TeacherLoadError, build_teacher
+
+        try:
+            teacher = build_teacher(OmegaConf.create({"name": name, "arch": "timm", "format": "timm",
+                                                      "checkpoint": path, "embedding": t.get("embedding")}))
+            return teacher.backbone.eval(), name, f"timm {name}, pretrained weights"
+        except TeacherLoadError as e:
+            return (TimmBackbone(create(name, pretrained=False), name, t.get("embedding")).eval(), name,
+                    f"random weights: loading timm's {name} failed ({e})")
     if fmt == "random":
         note = "random weights (teacher.format=random)"
     elif not path:

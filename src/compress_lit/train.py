@@ -115,7 +115,7 @@ def _disco(cfg, student, teacher, dm, config):
     m = cfg.method
     return DisCo(student, teacher, cfg.optim, queue_size=m.queue_size, temperature=m.temperature,
                  momentum=m.momentum, weight=m.disco_weight, hidden_dim=m.disco_hidden_dim,
-                 bn_splits=m.disco_bn_splits, queue_dtype=m.queue_dtype, config=config,
+                 bn_splits=m.disco_bn_splits, teacher_bn=m.disco_teacher_bn, queue_dtype=m.queue_dtype, config=config,
                  train_head_dim=cfg.student.train_head_dim)
 
 

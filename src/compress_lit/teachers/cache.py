@@ -188,7 +188,9 @@ def teacher_identity(tcfg: Any, seed: Optional[int] = None) -> dict:
     from ..models import backbone_options, is_vit
     from ..models.vit import OVERRIDABLE
 
-    if is_vit(str(tcfg.arch)):
+    if str(tcfg.format) == "timm":  # the timm name (with its tag) is the architecture and the weights' source
+        out["embedding"] = getattr(tcfg, "embedding", None) or "default"
+    elif is_vit(str(tcfg.arch)):
         opts = backbone_options(tcfg)
         out["embedding"] = opts.get("embedding", "cls")
         out["vit"] = {k: opts[k] for k in OVERRIDABLE if k in opts}
