@@ -69,7 +69,7 @@ def compute_for_config(cfg: DictConfig, dm=None, *, device: str | torch.device =
     base_seed = int(_cache_setting(cfg, "view_seed", 0))
     meta = cache_meta(cfg.teacher, cfg.data, teacher, dm.num_train, views,
                       dtype=str(_cache_setting(cfg, "dtype", "float16")), base_seed=base_seed, seed=cfg.seed,
-                      samples=dm.train_dataset_eval.fingerprint())
+                      samples=dm.train_dataset_eval.fingerprint(), precision=resolved_precision(cfg.trainer))
     return build_cache(cache_path(cfg), teacher, cache_dataset(dm, views, base_seed), meta,
                        batch_size=int(_cache_setting(cfg, "batch_size", cfg.data.eval_batch_size)),
                        num_workers=cap_num_workers(cfg.data.num_workers), device=device,

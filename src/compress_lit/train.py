@@ -179,7 +179,8 @@ def cached_teacher(cfg: DictConfig, dm) -> torch.nn.Module:
     samples = dm.train_dataset_eval.fingerprint()  # exactly the images of this run's train split
 
     def expected():  # the checkpoint's weights hash is part of the teacher's identity (a swapped file is caught)
-        return expected_meta(cfg.teacher, cfg.data, dm.num_train, views, seed=cfg.seed, samples=samples)
+        return expected_meta(cfg.teacher, cfg.data, dm.num_train, views, seed=cfg.seed, samples=samples,
+                             precision=resolved_precision(cfg.trainer))
 
     try:
         teacher = open_cache(path, expected())

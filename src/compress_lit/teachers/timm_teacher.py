@@ -56,6 +56,10 @@ def build_timm_backbone(cfg: Any) -> TimmBackbone:
         path = os.path.expanduser(str(path))
         if not os.path.isfile(path):
             raise TeacherLoadError(f"teacher checkpoint {path!r} (format 'timm', teacher.name={name}): no such file")
+        if not path.endswith(".safetensors"):  # a pickle: read weights-only first, for our one-line refusal
+            from .checkpoint import read_checkpoint
+
+            read_checkpoint(path, "timm")
         kw["pretrained_cfg_overlay"] = {"file": path}
         where = path
     try:
