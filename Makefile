@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 REPRODUCE_ARGS ?=
 
 .PHONY: install demo check-demo test bench reproduce reproduce-teacher reproduce-calibrate reproduce-family \
-	reproduce-table reproduce-ablation reproduce-quick clean
+	reproduce-table reproduce-ablation reproduce-quick reproduce-fp32 clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,11 @@ reproduce-ablation: install
 
 reproduce-quick: install
 	$(PY) -m compress_lit.reproduce reproduce_preset=quick
+
+# the table's AlexNet CompReSS-2q / -1q runs (seeds 0-2) again in fp32 (docs/reproduction.md#bf16-and-fp32);
+# every target takes REPRODUCE_ARGS=precision=32-true (or bf16-mixed) over the presets' trainer.precision=auto
+reproduce-fp32: install
+	$(PY) -m compress_lit.reproduce reproduce_preset=fp32 $(REPRODUCE_ARGS)
 
 clean:
 	rm -rf outputs multirun .cache .pytest_cache

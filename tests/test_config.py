@@ -119,6 +119,10 @@ def test_every_group_option_composes_and_validates(group, option):
     overrides = [f"{group}={option}"]
     if group == "teacher" and option not in ("demo", "fashion_mnist"):
         overrides.append("teacher.checkpoint=/ckpt/teacher.pth")
+    if group == "teacher" and option.startswith("dinov2"):  # 14-px patches: digits' 16 px is not a multiple
+        overrides.append("data.image_size=28")
+    if group == "teacher" and option == "timm":  # a timm model by name (its weights: the HF cache or a file)
+        overrides.append("teacher.name=resnet18.a1_in1k")
     if group == "data" and option in ("imagenet", "places205"):  # user-provided ImageFolder trees
         overrides.append(f"data.root=/data/{option}")
     validate_train(train_cfg(*overrides))
@@ -140,3 +144,35 @@ def test_slurm_launcher_composes_with_ddp():
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, launcher.partition) == (2, 8, 8, "gpu")
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.num_nodes == 2
+
+
+@pytest.mark.parametrize("overrides,message", [
+    # the issue's case: DINOv2's 14-px patches on the digits' 16 px (it used to fail at the first step)
+    (["teacher=dinov2_vits14", "teacher.checkpoint=/t.pth"],
+     "data.image_size=16 is not a multiple of the patch size of teacher.arch=vit_small_patch14_dinov2 (patch 14 px): "
+     "the ViT cuts the image into 14 x 14 patches; use data.image_size=14 or 28, or another teacher"),
+    (["student=vit_tiny", "data=fashion_mnist"],
+     "data.image_size=28 is not a multiple of the patch size of student.arch=vit_tiny_patch16 (patch 16 px): "
+     "the ViT cuts the image into 16 x 16 patches; use data.image_size=16 or 32, or another student"),
+    (["student=vit_tiny_small", "student.vit.patch_size=6", "student.vit.img_size=36"],
+     "data.image_size=16 is not a multiple of the patch size of student.arch=vit_tiny_patch16 (patch 6 px, "
+     "student.vit.patch_size): the ViT cuts the image into 6 x 6 patches; use data.image_size=12 or 18"),
+])
+def test_a_vit_patch_size_that_does_not_divide_the_image_size_fails_at_start_up(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        validate_train(train_cfg(*overrides))
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_fewer_than_4x4_patches_is_a_warning(caplog):
+    import logging
+
+    ok = train_cfg("teacher=dinov2_vits14", "teacher.checkpoint=/t.pth", "data.image_size=28")  # 2 x 2 patches
+    with caplog.at_level(logging.WARNING, logger="compress_lit.config"):
+        validate_train(ok)
+    (msg,) = [r.getMessage() for r in caplog.records if "patches" in r.getMessage()]
+    assert "teacher.arch=vit_small_patch14_dinov2 (patch 14 px) only 2 x 2 patches (fewer than 4 x 4)" in msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="compress_lit.config"):
+        validate_train(train_cfg("student=vit_tiny_small"))  # 4-px patches on 16 px: 4 x 4, no warning
+    assert not [r for r in caplog.records if "patches" in r.getMessage()]

@@ -64,3 +64,13 @@ def test_missing_teacher_file_is_named(tmp_path):
                                      "student=resnet18_small", f"hydra.run.dir={tmp_path}/r"], tmp_path, tmp_path)
     assert out.returncode != 0
     assert str(missing) in out.stderr
+
+
+def test_a_vit_teacher_whose_patch_does_not_divide_the_image_fails_in_one_line(tmp_path):
+    """teacher=dinov2_vits14 on the default 16-px digits used to print a 127-line traceback at the first step."""
+    out = run("compress_lit.train", ["teacher=dinov2_vits14", f"teacher.checkpoint={tmp_path}/t.pth",
+                                     f"hydra.run.dir={tmp_path}/r"], tmp_path, tmp_path)
+    assert out.returncode != 0
+    assert "data.image_size=16 is not a multiple of the patch size of teacher.arch=vit_small_patch14_dinov2" \
+        in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) <= 3, out.stderr

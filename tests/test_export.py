@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from compress_lit.config import ConfigError
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -215,7 +217,7 @@ def test_output_path_and_failed_parity_keeps_the_previous_file(ckpts, tmp_path, 
 
 def test_missing_checkpoint_is_named(tmp_path):
     missing = tmp_path / "nowhere" / "last.ckpt"
-    with pytest.raises(ExportError, match=str(missing)):
+    with pytest.raises(ConfigError, match=f"checkpoint={missing}: no such file"):
         run_export(_cfg(missing, "onnx"), tmp_path / "run")
     # the command line: exits non-zero with the path in the message, no traceback
     r = subprocess.run([sys.executable, "-m", "compress_lit.export", f"checkpoint={missing}",

@@ -116,32 +116,58 @@ def test_seed_scores_the_queue_before_the_batch_and_enqueues_the_teacher_after_t
 
 
 # ---------------------------------------------------------------------------------------------------- SimReg
+def official_simreg_mlp(d, out, n_layers):
+    """UCDvision/simreg, written out: simreg.py's hidden_dims per --n_mlp_layers (2 and 4 only; anything else
+    exits) and mlp_arch.get_mlp: Linear(h[i], h[i+1]), followed by BatchNorm1d + ReLU only when n_layers == 4 and
+    i != 1, then Linear(h[-1], out)."""
+    hidden = {2: [d, 2 * d], 4: [d, 2 * d, d, 2 * d]}[n_layers]
+    layers = []
+    for i in range(n_layers - 1):
+        layers.append(("Linear", hidden[i], hidden[i + 1]))
+        if i != 1 and n_layers == 4:
+            layers += [("BatchNorm1d", None, None), ("ReLU", None, None)]
+    return layers + [("Linear", hidden[-1], out)]
+
+
 def test_simreg_head_layers_follow_the_official_mlp():
     def shape(head):
         return [(type(m).__name__, getattr(m, "in_features", None), getattr(m, "out_features", None)) for m in head]
     lin, bn, relu = "Linear", ("BatchNorm1d", None, None), ("ReLU", None, None)
+    for depth in (2, 4):  # the official depths: n_mlp_layers 4 (run.sh) and 2
+        assert shape(simreg_head(8, 5, depth)) == official_simreg_mlp(8, 5, depth)
     # depth 4: projection d->2d->d, then prediction d->2d->out, no BatchNorm/ReLU between the two heads
     assert shape(simreg_head(8, 5, 4)) == [(lin, 8, 16), bn, relu, (lin, 16, 8), (lin, 8, 16), bn, relu, (lin, 16, 5)]
-    assert shape(simreg_head(8, 5, 2)) == [(lin, 8, 16), bn, relu, (lin, 16, 5)]
-    assert shape(simreg_head(8, 5, 1)) == [(lin, 8, 5)]  # the Regression baseline's layer
+    assert shape(simreg_head(8, 5, 2)) == [(lin, 8, 16), (lin, 16, 5)]  # official 2: nothing between the layers
+    # no official counterpart (this library's): 1 is the Regression baseline's layer, 3 widens, normalises, narrows
+    assert shape(simreg_head(8, 5, 1)) == [(lin, 8, 5)]
+    assert shape(simreg_head(8, 5, 3)) == [(lin, 8, 16), bn, relu, (lin, 16, 8), (lin, 8, 5)]
     with pytest.raises(ValueError, match="depth"):
         simreg_head(8, 5, 0)
 
 
 def test_simreg_loss_is_the_regression_of_a_hand_computed_head():
-    module = make("simreg", head_depth=2)
+    module = make("simreg", head_depth=2)  # the official n_mlp_layers=2: two linear layers
     module.train()
     x = images(6)
     s, t = module.student(x), module.teacher(x)
     loss, logs = module.distill(x, s, t)
-    l1, bn, _, l2 = module.head
-    h = s @ l1.weight.t() + l1.bias
-    h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + bn.eps) * bn.weight + bn.bias  # train mode
-    pred = torch.relu(h) @ l2.weight.t() + l2.bias
+    l1, l2 = module.head
+    pred = (s @ l1.weight.t() + l1.bias) @ l2.weight.t() + l2.bias
     p, q = F.normalize(pred, dim=1), F.normalize(t, dim=1)
     torch.testing.assert_close(loss, (2 - 2 * (p * q).sum(1)).mean())
     torch.testing.assert_close(loss, regression_loss(pred, t))
     torch.testing.assert_close(logs["cosine"], (p * q).sum(1).mean().detach())
+    # depth 4 in train mode: BatchNorm with the batch's statistics after the widening layers
+    module = make("simreg")
+    module.train()
+    l1, bn1, _, l2, l3, bn2, _, l4 = module.head
+    h = s.detach() @ l1.weight.t() + l1.bias
+    h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + bn1.eps) * bn1.weight + bn1.bias
+    h = (torch.relu(h) @ l2.weight.t() + l2.bias) @ l3.weight.t() + l3.bias
+    h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + bn2.eps) * bn2.weight + bn2.bias
+    pred = torch.relu(h) @ l4.weight.t() + l4.bias
+    loss, _ = module.distill(x, s.detach(), t)
+    torch.testing.assert_close(loss, regression_loss(pred, t))
 
 
 # ----------------------------------------------------------------------------------------------------- DisCo
@@ -181,7 +207,7 @@ def test_disco_step_contrasts_view1_with_the_momentum_key_of_view2_and_holds_bot
     with torch.no_grad():
         k = F.normalize(module.projector_momentum(module.student_momentum(x2)), dim=1)
     q = module.projector(emb)
-    want = disco_loss(q[:4], q[4:], k, bank, t[:4], t[4:], 0.2, 1.0)
+    want = disco_loss(q[:4], q[4:], k, bank, t[:4], t[4:], 0.2, 32.0)
     torch.testing.assert_close(loss, want[0])
     torch.testing.assert_close(logs["consistency"], want[2].detach())
     before = [p.detach().clone() for p in module.student_momentum.parameters()]
@@ -206,6 +232,97 @@ def test_disco_keys_are_normalised_with_batchnorm_groups_other_than_their_querie
     k2 = module.encode_keys(x)
     assert not torch.allclose(k1, k2)  # other permutations, other group statistics
     assert module.bn_groups(64) == 2 and DisCo(*nets(), optim(), queue_size=8).bn_groups(256) == 8  # auto: batch // 32
+
+
+def test_disco_default_weight_is_the_official_per_gpu_objective_under_ddp_gradient_averaging():
+    """DisCo/main.py on each of 8 GPUs x 32 images: CrossEntropyLoss (mean) of [q·k, q·queue] / T plus
+    MSELoss(reduction='sum') of the normalised teacher and student embeddings of each view; DDP averages the 8 GPUs'
+    gradients of the shared weights. Our loss on the 256 images at the default weight (32) has the same value (the
+    mean of the per-GPU losses) and the same gradient."""
+    from compress_lit.losses.disco import DISCO_WEIGHT
+
+    gpus, per_gpu, d_in, d, temp = 8, 32, 12, 16, 0.2
+    g = torch.Generator().manual_seed(0)
+    h1, h2 = torch.randn(gpus * per_gpu, d_in, generator=g), torch.randn(gpus * per_gpu, d_in, generator=g)
+    t1, t2 = torch.randn(gpus * per_gpu, d, generator=g), torch.randn(gpus * per_gpu, d, generator=g)
+    k = F.normalize(torch.randn(gpus * per_gpu, d, generator=g), dim=1)
+    queue = F.normalize(torch.randn(64, d, generator=g), dim=1)  # one queue: every GPU scores the same one
+    w0 = torch.randn(d_in, d, generator=g)  # the student's (shared) last layer: q = h @ W
+
+    # the official computation, GPU by GPU
+    ce, mse = nn.CrossEntropyLoss(), nn.MSELoss(reduction="sum")
+    per_gpu_losses, per_gpu_grads = [], []
+    for r in range(gpus):
+        w = w0.clone().requires_grad_(True)  # each GPU's replica of the weights
+        rows = slice(r * per_gpu, (r + 1) * per_gpu)
+        q = F.normalize(h1[rows] @ w, dim=1)
+        qk = F.normalize(h2[rows] @ w, dim=1)
+        l_pos = torch.einsum("nc,nc->n", q, k[rows]).unsqueeze(-1)
+        l_neg = torch.einsum("nc,ck->nk", q, queue.t())
+        logits = torch.cat([l_pos, l_neg], dim=1) / temp
+        labels = torch.zeros(per_gpu, dtype=torch.long)
+        loss = ce(logits, labels) + mse(F.normalize(t1[rows], dim=1), q) + mse(F.normalize(t2[rows], dim=1), qk)
+        (grad,) = torch.autograd.grad(loss, w)
+        per_gpu_losses.append(loss.detach())
+        per_gpu_grads.append(grad)
+    ddp_loss = torch.stack(per_gpu_losses).mean()  # what the 8 GPUs report on average
+    ddp_grad = torch.stack(per_gpu_grads).mean(0)  # DDP's all-reduce: the mean of the replicas' gradients
+
+    w = w0.clone().requires_grad_(True)
+    ours, nce, cons = disco_loss(h1 @ w, h2 @ w, k, queue, t1, t2, temperature=temp)  # the default weight
+    assert DISCO_WEIGHT == 32.0 == gpus * per_gpu / gpus
+    torch.testing.assert_close(ours, ddp_loss, rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(ours, w)
+    torch.testing.assert_close(grad, ddp_grad, rtol=1e-4, atol=1e-6)
+    # weight 1 (the old default) is a different objective: the consistency 32x lighter
+    one, _, _ = disco_loss(h1 @ w0, h2 @ w0, k, queue, t1, t2, temperature=temp, weight=1.0)
+    assert one.item() == pytest.approx(nce.item() + cons.item(), rel=1e-6)
+    assert ddp_loss.item() == pytest.approx(nce.item() + 32 * cons.item(), rel=1e-5)
+    assert ddp_loss.item() > 5 * one.item()
+
+
+def bn_buffers(module):
+    return {k: v.clone() for k, v in module.state_dict().items()
+            if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def test_disco_batch_teacher_normalises_each_view_group_by_group_as_the_official_train_mode_teacher():
+    """teacher_bn=batch: the official teacher is in train mode, each view normalised with its GPU's batch; here each
+    BatchNorm group (2 of 4 images) of each view, and the stored running statistics do not move."""
+    import copy
+
+    module = make("disco", teacher_bn="batch", bn_splits=2)
+    module.train()
+    x1, x2 = images(8, seed=1), images(8, seed=2)
+    before = bn_buffers(module.teacher)
+    assert len(before) == 3 * len(batch_norm_layers(module.teacher)) > 0
+    official = copy.deepcopy(module.teacher.backbone).train()  # DisCo's teacher: model.train() reaches it
+    with torch.no_grad():
+        want = torch.cat([official(v[i:i + 4]) for v in (x1, x2) for i in (0, 4)])
+    t = module.teacher_targets([x1, x2], torch.arange(8))
+    torch.testing.assert_close(t, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(t, torch.cat([module.teacher(x1), module.teacher(x2)]), atol=1e-3)  # not eval mode
+    # a whole step: the loss, its backward, the queue and EMA updates
+    emb = module.training_embedding([x1, x2])
+    loss, _ = module.distill([x1, x2], emb, t)
+    loss.backward()
+    module.on_train_batch_end(None, None, 0)
+    after = bn_buffers(module.teacher)
+    assert after.keys() == before.keys()
+    for k, v in before.items():  # running_mean, running_var and num_batches_tracked exactly as loaded
+        assert torch.equal(after[k], v), k
+    module.teacher.assert_frozen()  # back in eval mode, no parameter requires grad
+    assert not t.requires_grad and all(p.grad is None for p in module.teacher.parameters())
+    # the default (eval) is the teacher's running statistics, both views in one forward
+    default = make("disco", bn_splits=2)
+    torch.testing.assert_close(default.teacher_targets([x1, x2], torch.arange(8)),
+                               torch.cat([default.teacher(x1), default.teacher(x2)]))
+    with pytest.raises(ValueError, match="teacher_bn"):
+        make("disco", teacher_bn="train")
+
+
+def batch_norm_layers(module):
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 # ------------------------------------------------------------------------------------------ training loops
@@ -245,10 +362,12 @@ class LossRecorder(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-@pytest.mark.parametrize("method", ["seed", "simreg", "disco"])
+@pytest.mark.parametrize("method", ["seed", "simreg", "disco", "disco_batch_teacher"])
 def test_each_family_method_trains_and_its_loss_decreases_on_a_fixed_batch(method, tmp_path):
     # SEED's queue: one batch, so that it holds one copy of each image besides the image's own column
-    module = make(method, **({"queue_size": N} if method == "seed" else {}))
+    kw = {"seed": {"queue_size": N}, "disco_batch_teacher": {"teacher_bn": "batch"}}.get(method, {})
+    method = method.split("_")[0]
+    module = make(method, **kw)
     spread(module.teacher, Fixed(1).x)
     teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     heads = [{k: v.clone() for k, v in m.state_dict().items()} for m in module.extra_modules()]
@@ -284,7 +403,8 @@ def test_method_configs_carry_the_official_defaults_and_build_their_modules():
     simreg = build_method(_cfg("method=simreg"), *nets(), dm)
     assert type(simreg) is SimReg and simreg.head_depth == 4
     disco = build_method(_cfg("method=disco", "method.queue_size=32"), *nets(), dm)
-    assert type(disco) is DisCo and (disco.temperature, disco.momentum, disco.weight) == (0.2, 0.999, 1.0)
+    assert type(disco) is DisCo and (disco.temperature, disco.momentum, disco.weight) == (0.2, 0.999, 32.0)
+    assert disco.teacher_bn == "eval"  # the library's teacher; the family/disco_* presets set the official batch
     assert disco.projector[0].out_features == 2048 and disco.projector[-1].out_features == disco.teacher_dim
     m = OmegaConf.load(CONF / "method" / "seed.yaml")  # (data=digits, the default, shrinks every queue to 1024)
     assert (m.queue_size, m.temperature, m.student_temperature) == (65536, 1e-4, 0.2)
@@ -308,6 +428,8 @@ def test_the_papers_ablation_knobs_are_plain_config_keys(override, attr, value):
     (["method=disco", "method.disco_weight=-1"], "method.disco_weight"),
     (["method=disco", "teacher.cached=true"], "teacher.cached"),
     (["method=disco", "method.disco_bn_splits=200"], "method.disco_bn_splits"),
+    (["method=disco", "method.disco_teacher_bn=train"], "method.disco_teacher_bn"),
+    (["method=disco", "method.disco_teacher_bn=batch", "+trainer.sync_batchnorm=true"], "method.disco_teacher_bn"),
     (["method=seed", "method.temperature=0"], "method.temperature"),
 ])
 def test_bad_family_values_fail_naming_the_key(overrides, key):
@@ -358,11 +480,15 @@ def test_family_preset_composes_with_its_papers_settings_and_runs(preset):
     assert (d.name, d.batch_size, list(d.crop_scale), d.augment, d.root) == \
         ("imagefolder", 256, [0.2, 1.0], augment, "/data/imagenet")
     assert teacher_arch is None or cfg.teacher.arch == teacher_arch
+    if method == "disco":  # DisCo/main.py: MSELoss(reduction='sum') over 32 images per GPU; a train-mode teacher
+        assert (cfg.method.disco_weight, cfg.method.disco_teacher_bn) == (32.0, "batch")
     assert cfg.student.train_head_dim is None
     with open_dict(cfg):
         cfg.method.queue_size = 64  # the papers' 65,536 x 2,048 queue would not fit a test
     torch.manual_seed(0)
     module = build_method(cfg, build_student(cfg.student), FrozenTeacher(StandIn(cfg.teacher.arch)))
+    if method == "disco":
+        assert (module.weight, module.teacher_bn) == (32.0, "batch")
     x = torch.randn(2, 3, 64, 64)
     x = [x, x.flip(-1)] if method == "disco" else x
     loss, _ = module.distill(x, module.training_embedding(x), module.teacher_targets(x, torch.arange(2)))

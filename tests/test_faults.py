@@ -123,6 +123,13 @@ def test_every_teacher_format_refuses_a_malicious_file(tmp_path):
             models[arch] = build_backbone(arch, small_input=True)
         with pytest.raises(TeacherLoadError, match=rf"'{fmt}'\): refused"):
             load_backbone_state(str(evil), fmt, models[arch])
+    from omegaconf import OmegaConf
+
+    from compress_lit.teachers.timm_teacher import build_timm_backbone
+
+    with pytest.raises(TeacherLoadError, match=r"'timm'\): refused"):  # teacher=timm with a local file
+        build_timm_backbone(OmegaConf.create({"name": "resnet18.a1_in1k", "checkpoint": str(evil),
+                                              "embedding": None}))
     assert not marker.exists()
 
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from compress_lit.anchor_queue import AnchorQueue
-from compress_lit.nonfinite import LossWatch
+from compress_lit.nonfinite import LossWatch, WeightWatch
 from test_methods import VARIANTS, FixedBatch, make_module
 
 SYNCING = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy")
@@ -56,22 +56,29 @@ def test_training_step_and_enqueue_make_no_host_sync(variant, tmp_path, monkeypa
     _count_in(module, counter)
     # LossWatch reads its flags in _check: on a GPU a pinned host copy whose CUDA event has completed (no wait;
     # gpu_check.py verifies that with the sync debug mode), on the CPU the flag itself. Not counted, but counted up.
+    # The parameters-and-buffers watch (WeightWatch, a callback of every training run) goes the same way.
     checked = []
     orig_check = LossWatch._check
 
-    def check(flag, event, where):
+    def check(self, flag, event, where):
         on, counter.on = counter.on, False
-        checked.append(where)
+        checked.append((self.what, where))
         try:
-            return orig_check(flag, event, where)
+            return orig_check(self, flag, event, where)
         finally:
             counter.on = on
-    monkeypatch.setattr(LossWatch, "_check", staticmethod(check))
+    monkeypatch.setattr(LossWatch, "_check", check)
+    watch = WeightWatch()
+    _count_in(watch, counter, names=("on_train_batch_end",))
     pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, default_root_dir=tmp_path).fit(
+               enable_model_summary=False, default_root_dir=tmp_path, callbacks=[watch]).fit(
         module, DataLoader(FixedBatch(steps=4), batch_size=32, shuffle=False))
     assert counter.calls == [], counter.calls
-    assert checked == [f"global step {i} (epoch 0, batch {i})" for i in range(4)]
+    steps = [f"global step {i} (epoch 0, batch {i})" for i in range(4)]
+    assert [w for what, w in checked if what == "loss"] == steps
+    # the watch runs after the optimizer step: the step counter has moved on
+    assert [w for what, w in checked if what == "parameters or buffers"] == \
+        [f"global step {i + 1} (epoch 0, batch {i})" for i in range(4)]
     assert int(module.queues.ptr) == (4 * 32) % 40 and int(module.queues.num_enqueued) == 128
 
 

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from compress_lit.config import OptimConfig
+from compress_lit.config import ConfigError, OptimConfig
 from compress_lit.loss import compress_loss
 from compress_lit.methods import CompReSS
 from compress_lit.models import build_backbone
@@ -147,7 +147,7 @@ def test_resuming_with_another_teacher_is_refused(tmp_path):
     trainer = fit(module, 1, tmp_path)
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     other = make_module("compress_2q", teacher_seed=5)  # another random teacher
-    with pytest.raises(RuntimeError, match="another teacher"):
+    with pytest.raises(ConfigError, match="another teacher"):
         fit(other, 2, tmp_path, ckpt_path=tmp_path / "m.ckpt")
 
 

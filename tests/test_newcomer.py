@@ -228,7 +228,7 @@ def test_resume_auto_continues_in_the_original_run_directory(tmp_path):
     original, fresh = tmp_path / "outputs" / "train" / "d" / "t1", tmp_path / "outputs" / "train" / "d" / "t2"
     _fake_run(original, {"seed": 0, "resume": None})
     (original / "checkpoints").mkdir()
-    torch.save({"global_step": 4, "epoch": 0}, original / "checkpoints" / "last.ckpt")
+    torch.save({"state_dict": {}, "global_step": 4, "epoch": 0}, original / "checkpoints" / "last.ckpt")
     (original / "csv").mkdir()
     rows = ["epoch,step,train/loss_epoch,train/loss_step"] + [f"0,{s},,{s}.5" for s in range(4)] + \
         ["0,3,9.0,", "1,4,,4.5", "1,5,,5.5"]  # steps 4 and 5 were logged after the checkpoint, then the run died
@@ -253,7 +253,12 @@ def test_resume_auto_continues_in_the_original_run_directory(tmp_path):
     log_text = (original / "train.log").read_text()
     assert "resume=auto: continuing the run in" in log_text and "after the move" in log_text
     assert [float(r["step"]) for r in resume.history] == [0, 1, 2, 3, 3]
-    assert not (original / "csv" / "metrics.csv").exists() and not (original / "csv" / "hparams.yaml").exists()
+    # the files stay as they were until the resumed run first logs (a resume that fails there changes nothing)
+    assert (original / "csv" / "metrics.csv").read_text() == "\n".join(rows) + "\n"
+    assert (original / "csv" / "hparams.yaml").read_text() == "seed: 0\n"
+    from compress_lit.runtime import run_folder
+
+    run_folder.release_all()  # prepare_resume claimed the original folder for this process
 
     # the CSV logger writes the kept rows first, then the resumed run's: every step once
     with warnings.catch_warnings():

@@ -112,6 +112,7 @@ def test_the_family_methods_are_rows_under_the_same_teacher_budget_and_seeds():
     DisCo (two views per image) runs the teacher itself."""
     from pathlib import Path
 
+    from compress_lit.precision import command_precision
     from compress_lit.reproduce import METHOD_LABELS, step_command
 
     for name in ("full", "quick"):
@@ -121,11 +122,17 @@ def test_the_family_methods_are_rows_under_the_same_teacher_budget_and_seeds():
         for method in ("seed", "simreg", "disco"):
             module, args = step_command(cfg, cfg.students[0], method, 0, Path("t.ckpt"))
             assert module == "compress_lit.train" and f"method={method}" in args
-            assert set(cfg.common_args) <= set(args) and "teacher.checkpoint=t.ckpt" in args
+            common = command_precision(list(cfg.common_args))[0]  # trainer.precision=auto as resolved here
+            assert set(common) <= set(args) and "teacher.checkpoint=t.ckpt" in args
             assert ("teacher.cached=true" in args) == (method != "disco"), (name, method)
-            # the same arguments as CompReSS-2q's run but the method (and the cache, for DisCo)
+            # the same arguments as CompReSS-2q's run but the method, its own method_args (DisCo's weight, on the
+            # command line so that the run hash follows it) and the cache (DisCo runs the teacher itself)
+            own = list(cfg.method_args.get(method, []))
+            assert own == (["method.disco_weight=32.0"] if method == "disco" else []), (name, method)
+
             def rest(a, m):
-                return [x for x in a if x != f"method={m}" and (method != "disco" or x not in cfg.cache_args)]
+                return [x for x in a if x != f"method={m}" and x not in own
+                        and (method != "disco" or x not in cfg.cache_args)]
             assert rest(args, method) == rest(reference, "compress_2q")
     assert [METHOD_LABELS[m] for m in ("seed", "simreg", "disco")] == ["SEED", "SimReg", "DisCo"]
 

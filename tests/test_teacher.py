@@ -251,17 +251,84 @@ def test_torchvision_file_as_swav_fails_and_guesses(tmp_path):
 
 
 def test_swav_file_as_torchvision_fails(tmp_path):
+    """The DDP prefix is stripped, but SwAV's projection head and prototypes are not a torchvision classifier's."""
     path = tmp_path / "swav.pth.tar"
     torch.save(swav_checkpoint(randomised("resnet18")), path)
     msg = load_error(path, "torchvision")
-    assert "module.conv1.weight" in msg and "'swav'" in msg
+    assert "unexpected 5 keys: module.projection_head.0.weight (as projection_head.0.weight)" in msg
+    assert "'module.' prefix of every key" in msg and "fits format 'swav'" in msg
 
 
-def test_converted_simclr_as_torchvision_fails(tmp_path):
+def test_a_dict_holding_a_torchvision_state_dict_loads_as_torchvision_and_as_simclr_converted(tmp_path):
+    src = randomised("resnet18")
     path = tmp_path / "resnet50-1x.pth"
-    torch.save({"state_dict": randomised("resnet18").state_dict()}, path)
-    msg = load_error(path, "torchvision")
-    assert "state_dict" in msg and "'simclr_converted'" in msg
+    torch.save({"state_dict": src.state_dict()}, path)
+    for fmt in ("torchvision", "simclr_converted"):
+        assert_same_embedding(build_teacher(cfg_for("resnet18", fmt, path)), src)
+
+
+def torchvision_classifier(seed: int = 0) -> nn.Module:
+    """torchvision's resnet18 (fc included) with random weights and BatchNorm statistics, in eval mode."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    tv = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():
+        for mod in tv.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.1)
+                mod.running_mean.normal_(0, 0.1)
+                mod.running_var.uniform_(0.5, 2.0)
+    return tv.eval()
+
+
+def examples_imagenet_checkpoint(wrapped: nn.Module) -> dict:
+    """What pytorch/examples' imagenet/main.py saves (save_checkpoint): the wrapped model's state_dict beside the
+    epoch, the arch name, the best top-1 (a tensor) and the optimiser's state."""
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    return {"epoch": 90, "arch": "resnet18", "state_dict": wrapped.state_dict(), "best_acc1": torch.tensor(69.76),
+            "optimizer": opt.state_dict()}
+
+
+@pytest.mark.parametrize("wrapper", [False, True])
+def test_a_dataparallel_resnet_loads_as_torchvision_with_the_prefix_stripped_once(tmp_path, caplog, wrapper):
+    """A torchvision classifier trained under nn.DataParallel (DistributedDataParallel names its keys the same:
+    ``module.<key>``), fc included, saved bare or as pytorch/examples' ImageNet script saves it."""
+    import logging
+
+    tv = torchvision_classifier()
+    dp = nn.DataParallel(tv)  # on CPU it only wraps: its state_dict is the real layout
+    sd = dp.state_dict()
+    assert all(k.startswith("module.") for k in sd) and "module.fc.weight" in sd and "module.conv1.weight" in sd
+    path = tmp_path / ("model_best.pth.tar" if wrapper else "dp_resnet18.pth")
+    torch.save(examples_imagenet_checkpoint(dp) if wrapper else sd, path)
+    with caplog.at_level(logging.INFO, logger="compress_lit.teachers.loading"):
+        t = build_teacher(TeacherConfig(name="r18", arch="resnet18", format="torchvision", checkpoint=str(path)))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        want = torch.flatten(tv.avgpool(tv.layer4(tv.layer3(tv.layer2(tv.layer1(h))))), 1)  # fc's input
+    torch.testing.assert_close(t(x), want, rtol=0, atol=0)
+    line = next(r.getMessage() for r in caplog.records if "loaded" in r.getMessage())
+    assert "the 'module.' prefix of every key (a model saved under nn.DataParallel / DistributedDataParallel) " \
+           "stripped once" in line
+    assert ("'state_dict' entry taken from a training checkpoint (keys state_dict, epoch, arch, best_acc1, "
+            "optimizer)" in line) == wrapper
+
+
+def test_the_ddp_prefix_is_stripped_once_and_only_where_the_layout_has_no_prefix(tmp_path):
+    src = randomised("resnet18")
+    twice = tmp_path / "twice.pth"
+    torch.save({f"module.module.{k}": v for k, v in src.state_dict().items()}, twice)
+    msg = load_error(twice, "torchvision")
+    assert "module.module.conv1.weight (as module.conv1.weight)" in msg  # stripped once, not twice
+    once = tmp_path / "once.pth"
+    torch.save({f"module.{k}": v for k, v in src.state_dict().items()}, once)
+    for fmt in ("torchvision", "swav"):  # SwAV's own layout is exactly module.<torchvision key>
+        assert_same_embedding(build_teacher(cfg_for("resnet18", fmt, once)), src)
+    msg = load_error(once, "moco")  # MoCo's own layout is {'state_dict': {module.encoder_q.*}}: no stripping there
+    assert "expected a MoCo release checkpoint" in msg and "fits format 'swav' / 'torchvision' instead" in msg
 
 
 def test_missing_layer_names_key_and_count(tmp_path):

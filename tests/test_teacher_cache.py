@@ -391,3 +391,12 @@ def test_a_full_disk_while_building_is_one_line_and_leaves_nothing_trusted(teach
     cfg = cfg_of("cache_features", *overrides(teacher_ckpt, tmp_path / "f"))
     with pytest.raises(TeacherCacheError, match=r"complete: cached False"):
         open_cache(cache_path(cfg), expected_meta(cfg.teacher, cfg.data, N, seed=cfg.seed))
+
+
+def test_a_cache_computed_in_one_precision_is_not_another_precisions(teacher_ckpt, ref):
+    """bf16 features are not an fp32 run's teacher (the fp32 reruns of the table build their own cache)."""
+    cache_dir, cfg, meta = ref
+    assert meta["precision"] == "fp32"  # the tests' trainer runs 32-true
+    open_cache(cache_path(cfg), expected_meta(cfg.teacher, cfg.data, N, seed=cfg.seed, precision="32-true"))
+    with pytest.raises(TeacherCacheError, match="precision: cached 'fp32' vs expected 'bf16'"):
+        open_cache(cache_path(cfg), expected_meta(cfg.teacher, cfg.data, N, seed=cfg.seed, precision="bf16-mixed"))

@@ -160,7 +160,7 @@ def mocov3_checkpoint(base: dict, arch: str, head_key: str, embed: int) -> dict:
 def test_every_format_module_is_registered_and_a_choice_of_teacher_format():
     assert {"dino", "dinov2", "mocov3", "barlowtwins", "vicreg", "moco", "swav", "simclr_tf", "simclr_converted",
             "torchvision", "compress_lit"} == set(CHECKPOINT_FORMATS)
-    assert teacher_formats() == (*CHECKPOINT_FORMATS, "random")
+    assert teacher_formats() == (*CHECKPOINT_FORMATS, "random", "timm")
     from compress_lit.config import TEACHER_FORMATS
     from compress_lit.evaluation.settings import MODEL_FORMATS
 
@@ -416,13 +416,31 @@ def test_classifier_file_as_vicreg_names_fc_and_fits_torchvision(tmp_path):
     assert "unexpected 2 keys: fc.weight, fc.bias" in msg and "fits format 'torchvision'" in msg
 
 
-def test_ddp_prefixed_backbone_as_dino_names_the_prefix(tmp_path):
+@pytest.mark.parametrize("fmt", ["dino", "barlowtwins", "vicreg"])
+def test_a_ddp_prefixed_backbone_loads_under_the_plain_formats_and_another_prefix_is_named(tmp_path, fmt):
+    """A plain release layout has no prefix, so a DataParallel / DDP ``module.`` on every key is unambiguous: it is
+    stripped once. Any other prefix (``backbone.``, ``encoder.``) is still a layout the format does not read."""
     src = randomised_resnet50(width_multiplier=0.25, small_input=True)
     path = tmp_path / "wrapped.pth"
     torch.save({f"module.{k}": v for k, v in src.state_dict().items()}, path)
-    msg = load_error(path, "dino", small_r50())
-    assert "every key starts with ['module.']" in msg and "module.conv1.weight" in msg
-    assert "fits format 'swav'" in msg  # SwAV's release is exactly that: module.<torchvision key>
+    model = small_r50()
+    load_backbone_state(str(path), fmt, model)
+    x = images(32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), src(x), rtol=0, atol=0)
+    other = tmp_path / "encoder.pth"
+    torch.save({f"encoder.{k}": v for k, v in src.state_dict().items()}, other)
+    msg = load_error(other, fmt, small_r50())
+    assert "every key starts with ['encoder.']" in msg and "encoder.conv1.weight" in msg
+
+
+def test_a_ddp_prefixed_dinov2_file_loads(tmp_path):
+    sd = vit_release_state_dict(32, 2, 14, 2, layer_scale=True, mask_token=True)
+    path = tmp_path / "dinov2_ddp.pth"
+    torch.save({f"module.{k}": v for k, v in sd.items()}, path)
+    model = build_backbone("vit_small_patch14_dinov2", img_size=28, **TINY)
+    load_backbone_state(str(path), "dinov2", model)
+    assert torch.equal(model.state_dict()["cls_token"], sd["cls_token"])
 
 
 def test_dino_and_mocov3_vit_files_are_told_apart(tmp_path):
@@ -437,6 +455,94 @@ def test_dino_and_mocov3_vit_files_are_told_apart(tmp_path):
     assert "fits format 'dino' / 'torchvision' instead" in msg
     msg = load_error(mocov3, "dino", model)
     assert "epoch, arch, state_dict" in msg and "fits format 'mocov3'" in msg
+
+
+# ---- the hint: other architectures, named by their presets ----------------------------------------------------------
+def test_a_dino_vit_file_given_with_a_resnet_arch_names_the_preset_that_reads_it(tmp_path):
+    """Real ViT-S/16 sizes (DINO's dino_deitsmall16_pretrain.pth layout): given as a ResNet-50 no format fits with
+    that architecture, but the preset dino_vits16 does: the hint names it (not "no other format fits")."""
+    path = tmp_path / "dino_deitsmall16_pretrain.pth"
+    torch.save({k: torch.zeros_like(v) for k, v in vit_release_state_dict(384, 12, 16, 14).items()}, path)
+    for fmt in ("torchvision", "dino"):  # teacher=torchvision_resnet50 / dino_resnet50 given the ViT file
+        msg = load_error(path, fmt, build_backbone("resnet50"))
+        assert ("this is a DINO ViT-S/16 file: teacher=dino_vits16 (format 'dino', teacher.arch=vit_small_patch16)"
+                in msg), msg
+        assert "no other format" not in msg and "fits format" not in msg  # nothing with the ResNet-50 itself
+
+
+def test_a_mocov3_vits_file_given_as_dino_names_the_12_head_preset(tmp_path):
+    """MoCo v3's ViT-S/16 has DINO's weight shapes but 12 heads: as DINO's ViT-S (format dino) its wrapper does not
+    fit, mocov3 refuses vit_small_patch16, and the preset that reads it is mocov3_vits (its own 12-head arch)."""
+    path = tmp_path / "vit-s-300ep.pth.tar"
+    base = {k: torch.zeros_like(v) for k, v in vit_release_state_dict(384, 12, 16, 14).items()}
+    torch.save(mocov3_checkpoint(base, "vit_small", "head", 384), path)
+    msg = load_error(path, "dino", build_backbone("vit_small_patch16"))
+    assert "this is a MoCo v3 ViT-S/16 file: teacher=mocov3_vits (format 'mocov3', " \
+           "teacher.arch=vit_small_patch16_mocov3)" in msg
+
+
+def test_a_file_nothing_reads_says_so_and_a_plain_resnet50_names_every_preset_it_fits(tmp_path):
+    path = tmp_path / "junk.pth"
+    torch.save({"weight": torch.zeros(3, 3)}, path)
+    msg = load_error(path, "torchvision", small_r50())
+    assert "no other format fits it with teacher.arch=resnet50, and no teacher preset (conf/teacher/) fits it" in msg
+    import torchvision
+
+    tv = torchvision.models.resnet50(weights=None)
+    sd = {k: torch.zeros_like(v) for k, v in tv.state_dict().items() if not k.startswith("fc.")}
+    plain = tmp_path / "resnet50.pth"
+    torch.save(sd, plain)
+    msg = load_error(plain, "mocov3", build_backbone("resnet50"))  # a plain ResNet-50 backbone without fc
+    assert "fits format 'barlowtwins' / 'dino' / 'torchvision' / 'vicreg' instead" in msg
+    for preset in ("barlowtwins_resnet50", "dino_resnet50", "torchvision_resnet50", "vicreg_resnet50"):
+        assert f"teacher={preset} (" in msg
+
+
+# ---- a ViT under a format that reads any file: the head count must be confirmed ------------------------------------
+def test_a_vit_s_file_under_torchvision_needs_its_head_count_confirmed(tmp_path):
+    """MoCo v3's ViT-S base encoder saved as a plain state_dict (as a user exports it) has exactly DeiT-S's / DINO's
+    ViT-S/16 shapes: teacher.format=torchvision cannot tell 6 heads from 12, so it refuses until
+    teacher.vit.num_heads says which; with 12 the teacher computes MoCo v3's ViT-S (timm, 12 heads), with 6 not."""
+    sd = vit_release_state_dict(384, 12, 16, 14, seed=3)
+    path = tmp_path / "mocov3_vits_base_encoder.pth"
+    torch.save(sd, path)
+    cfg = TeacherConfig(name="t", arch="vit_small_patch16", format="torchvision", checkpoint=str(path))
+    with pytest.raises(TeacherLoadError, match=r"confirm it with teacher\.vit\.num_heads=<n>") as e:
+        build_teacher(cfg)
+    assert "vit_small_patch16_mocov3 (12 heads)" in str(e.value) and "(6 heads)" in str(e.value)
+    x = images(32)
+    with torch.no_grad():
+        want = dino_interpolated_forward(timm_source(sd, patch=16, img_size=224, heads=12), x)  # MoCo v3's ViT-S
+    twelve = build_teacher(TeacherConfig(name="t", arch="vit_small_patch16", format="torchvision",
+                                         checkpoint=str(path), vit=ViTOptions(num_heads=12)))
+    assert_same(twelve, want, x)
+    six = build_teacher(TeacherConfig(name="t", arch="vit_small_patch16", format="torchvision", checkpoint=str(path),
+                                      vit=ViTOptions(num_heads=6)))
+    assert not torch.allclose(six(x), want, atol=1e-3)  # the same file, another function: why it is refused
+    # the release formats fix the head count; an architecture no other shares its shapes with needs nothing
+    from compress_lit.teachers.loading import heads_problem
+
+    assert heads_problem("dino", "vit_small_patch16", None) is None
+    assert heads_problem("torchvision", "vit_small_patch16_mocov3", None) is not None
+    assert heads_problem("compress_lit", "vit_small_patch16", None) is not None
+    assert heads_problem("torchvision", "vit_base_patch16", None) is None
+    assert heads_problem("torchvision", "vit_tiny_patch16", None) is None
+
+
+def test_validation_requires_the_head_count_at_start_up():
+    from hydra import compose, initialize_config_dir
+
+    from compress_lit.config import ConfigError, register_configs, validate_train
+
+    register_configs()
+    base = ["teacher=torchvision_resnet50", "teacher.checkpoint=/x.pth", "teacher.arch=vit_small_patch16",
+            "data.image_size=32"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=base)
+        confirmed = compose(config_name="train", overrides=[*base, "teacher.vit.num_heads=6"])
+    with pytest.raises(ConfigError, match=r"^teacher\.vit\.num_heads is required: teacher\.format=torchvision"):
+        validate_train(cfg)
+    validate_train(confirmed)
 
 
 def test_dinov2_file_as_torchvision_names_the_mask_token_and_fits_dinov2(tmp_path):

@@ -16,7 +16,7 @@ from compress_lit.train import build_method, build_student
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PRESETS = {  # preset: (teacher arch, teacher embed dim, student arch, student embed dim, patch: input a multiple)
-    "dinov2_vitb14_to_mobilenetv3": ("vit_base_patch14_dinov2", 768, "mobilenetv3_large", 960, 14),
+    "dinov2_vitb14_to_mobilenetv3": ("vit_base_patch14_dinov2", 768, "mobilenetv3_large", 1280, 14),
     "dino_vits16_to_resnet18": ("vit_small_patch16", 384, "resnet18", 512, 16),
     "mocov3_vitb_to_efficientnet_b0": ("vit_base_patch16", 768, "efficientnet_b0", 1280, 16),
     "barlowtwins_r50_to_resnet18": ("resnet50", 2048, "resnet18", 512, 32),

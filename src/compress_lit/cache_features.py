@@ -19,7 +19,8 @@ something else instead of refusing).
 
 Devices come from the ``trainer`` group (accelerator, devices, num_nodes, strategy, precision) through Lightning
 Fabric: with several devices every process computes a contiguous shard of the indices into the shared file
-(``trainer=ddp``, or under ``torchrun``/SLURM); ``bf16-mixed`` runs the teacher under autocast.
+(``trainer=ddp``, or under ``torchrun``/SLURM); ``bf16-mixed`` runs the teacher under autocast, ``auto`` where the
+device computes bf16 natively (:mod:`compress_lit.precision`).
 """
 from __future__ import annotations
 
@@ -34,11 +35,12 @@ from omegaconf import DictConfig, OmegaConf
 from .config import register_configs
 from .data import build_datamodule
 from .data.workers import cap_num_workers
+from .precision import apply_precision, resolved_precision
 from .safety import check_writable
 from .teachers import build_teacher
 from .teachers.cache import build_cache, cache_dataset, cache_meta, cache_path, cache_views, validate_cache_config
-from .startup import run_entry, entry_main
-from .train import CONF_DIR, check_train_startup, ensure_teacher_checkpoint
+from .startup import entry_main, run_entry
+from .train import check_train_startup, ensure_teacher_checkpoint
 
 log = logging.getLogger("compress_lit.cache_features")
 register_configs()
@@ -66,7 +68,7 @@ def compute_for_config(cfg: DictConfig, dm=None, *, device: str | torch.device =
     base_seed = int(_cache_setting(cfg, "view_seed", 0))
     meta = cache_meta(cfg.teacher, cfg.data, teacher, dm.num_train, views,
                       dtype=str(_cache_setting(cfg, "dtype", "float16")), base_seed=base_seed, seed=cfg.seed,
-                      samples=dm.train_dataset_eval.fingerprint())
+                      samples=dm.train_dataset_eval.fingerprint(), precision=resolved_precision(cfg.trainer))
     return build_cache(cache_path(cfg), teacher, cache_dataset(dm, views, base_seed), meta,
                        batch_size=int(_cache_setting(cfg, "batch_size", cfg.data.eval_batch_size)),
                        num_workers=cap_num_workers(cfg.data.num_workers), device=device,
@@ -78,11 +80,11 @@ def compute_for_config(cfg: DictConfig, dm=None, *, device: str | torch.device =
 
 def local_device_and_autocast(trainer_cfg: Any) -> tuple[torch.device, Optional[Callable]]:
     """One process, no launcher (the in-training build): a GPU when the trainer config allows one, and autocast
-    for a ``bf16``/``16`` mixed precision setting."""
+    for a ``bf16``/``16`` mixed precision setting (``auto`` resolved as every entry point does, precision.py)."""
     accel = str(trainer_cfg.get("accelerator", "auto"))
     use_cuda = torch.cuda.is_available() and accel in ("auto", "gpu", "cuda")
     device = torch.device("cuda" if use_cuda else "cpu")
-    precision = str(trainer_cfg.get("precision", "32-true"))
+    precision = resolved_precision(trainer_cfg)  # `auto`: bf16-mixed only where the device computes bf16 natively
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") \
         else None
     if dtype is None or (dtype == torch.float16 and not use_cuda):
@@ -92,6 +94,7 @@ def local_device_and_autocast(trainer_cfg: Any) -> tuple[torch.device, Optional[
 
 def run_cache_features(cfg: DictConfig) -> dict:
     check_train_startup(cfg)  # as compress_lit.train: mandatory keys, values, the accelerator, the teacher's file
+    apply_precision(cfg.trainer)  # Fabric does not know trainer.precision=auto
     validate_cache_config(cfg)
     out = cache_path(cfg)
     check_writable(out.parent, "the feature cache folder", cfg.safety.min_free_gb)

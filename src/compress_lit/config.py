@@ -18,10 +18,11 @@ log = logging.getLogger(__name__)
 
 def teacher_formats() -> tuple[str, ...]:
     """Every checkpoint format of ``compress_lit/teachers/formats/`` (one module per release family; imported on
-    first use, so that reading the schema does not import torch) and ``random``."""
+    first use, so that reading the schema does not import torch), ``random`` and ``timm`` (a model built by timm from
+    ``teacher.name``, with its pretrained weights: ``teacher=timm``)."""
     from .teachers.formats import CHECKPOINT_FORMATS
 
-    return (*CHECKPOINT_FORMATS, "random")
+    return (*CHECKPOINT_FORMATS, "random", "timm")
 
 
 def __getattr__(name: str):
@@ -86,6 +87,8 @@ class StudentConfig:
     # AlexNet only: dropout before fc6 and fc7. 0 (default) as the official CompReSS AlexNet, whose dropout layers
     # are commented out; torchvision's classifier uses 0.5
     dropout: float = 0.0
+    # EfficientNet-B0 only: stochastic depth rate (None: 0.2, torchvision's and SEED's; DisCo's timm model has 0)
+    drop_path: Optional[float] = None
     vit: ViTOptions = field(default_factory=ViTOptions)  # ViT students only (e.g. student=vit_tiny_small)
     # a linear layer embedding -> train_head_dim used only in training (docs/paper.md: ResNet-50 student 2048 -> 8192);
     # dropped at evaluation and export
@@ -148,13 +151,19 @@ class MethodConfig:
     # SEED (method.temperature: the teacher's, method.student_temperature: the student's): hidden width of the
     # student's MLP head (None: the student's embedding width, as SEED's Linear d->d, ReLU, Linear)
     seed_hidden_dim: Optional[int] = None
-    # SimReg: linear layers of the prediction head (4: SimReg's projection + prediction heads; 1: one linear layer)
+    # SimReg: linear layers of the prediction head. The official code has 2 and 4 (--n_mlp_layers): 4 its projection +
+    # prediction heads, 2 two linear layers d->2d->out with nothing between them; 1 (one linear layer: the Regression
+    # baseline), 3 and 5+ are this library's own, with no official counterpart (methods/simreg.py)
     simreg_head_depth: int = 4
-    # DisCo (method.temperature / momentum / queue_size: its MoCo v2's): weight of the consistency with the teacher,
-    # hidden width of the projector, BatchNorm groups of the shuffled-BN encoders (None: auto, batch // 32)
-    disco_weight: float = 1.0
+    # DisCo (method.temperature / momentum / queue_size: its MoCo v2's): weight of the consistency with the teacher
+    # relative to per-sample means (32: the official sum over each GPU's 32 images, losses/disco.py), hidden width of
+    # the projector, BatchNorm groups of the shuffled-BN encoders (None: auto, batch // 32), and the teacher's
+    # BatchNorm: eval (running statistics) | batch (each group's own statistics, as the official teacher; the
+    # running statistics stay unchanged)
+    disco_weight: float = 32.0
     disco_hidden_dim: int = 2048
     disco_bn_splits: Optional[int] = None
+    disco_teacher_bn: str = "eval"
 
 
 @dataclass
@@ -306,6 +315,16 @@ def _one_of(cfg: DictConfig, key: str, choices) -> None:
         raise ConfigError(f"{key}={v!r} is invalid: choose one of {list(choices)}")
 
 
+def _check_precision(cfg: DictConfig) -> None:
+    """``trainer.precision``: ``auto`` (resolved by precision.py before the Trainer is built) or a precision
+    Lightning accepts."""
+    from .precision import PRECISIONS
+
+    trainer = cfg.get("trainer") or {}
+    if "precision" in trainer and str(trainer.precision) not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={trainer.precision!r} is invalid: choose one of {list(PRECISIONS)}")
+
+
 def _validate_common(cfg: DictConfig) -> None:
     from .models import ARCHITECTURES, option_problems
 
@@ -329,6 +348,7 @@ def _validate_common(cfg: DictConfig) -> None:
     _one_of(cfg, "optim.lr_scaling", ("none", "linear"))
     _positive(cfg, "optim.lr_reference_batch")
     _one_of(cfg, "logger.name", ("csv", "wandb", "none"))
+    _check_precision(cfg)
     _one_of(cfg, "logger.mode", ("auto", "online", "offline", "disabled"))
     lo, hi = cfg.data.crop_scale
     if not (0 < lo <= hi <= 1):
@@ -348,11 +368,16 @@ def _validate_common(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.knn_k={list(cfg.eval.knn_k)} is invalid: every k must be > 0")
     for group in ("student", "teacher"):
         node = cfg.get(group)
+        if group == "teacher" and node is not None and _is_timm_teacher(node):
+            _validate_timm_teacher(cfg)  # timm builds it: its name, not our architectures
+            continue
         if node is not None and node.arch not in ARCHITECTURES:
             raise ConfigError(f"{group}.arch={node.arch!r} is invalid: choose one of {sorted(ARCHITECTURES)}")
         for key, why in (option_problems(node) if node is not None else []):
             value = OmegaConf.select(node, key) if key != "vit" else OmegaConf.to_container(node.vit)
             raise ConfigError(f"{group}.{key}={value!r} is invalid for {group}.arch={node.arch}: {why}")
+    for group in ("student", "teacher"):
+        _check_patch_grid(cfg, group)
     drop = OmegaConf.select(cfg, "student.dropout", default=0.0) or 0.0
     if not 0 <= drop < 1:
         raise ConfigError(f"student.dropout={drop} is invalid: need 0 <= p < 1")
@@ -363,6 +388,83 @@ def _validate_common(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.milestones={ms} is invalid: need increasing positive epochs")
 
 
+def _is_timm_teacher(node: Any) -> bool:
+    return OmegaConf.select(node, "format") == "timm" or OmegaConf.select(node, "arch") == "timm"
+
+
+def _validate_timm_teacher(cfg: DictConfig) -> None:
+    """``teacher=timm``: format and arch both ``timm``, ``teacher.name`` a timm model, the embedding one of ours."""
+    t = cfg.teacher
+    if t.format != "timm" or t.arch != "timm":
+        raise ConfigError(f"teacher.format={t.format} with teacher.arch={t.arch}: a timm teacher takes both "
+                          f"teacher.format=timm and teacher.arch=timm (teacher=timm), its model named by teacher.name")
+    from .teachers.timm_teacher import name_problem
+
+    name = OmegaConf.select(t, "name", throw_on_missing=False)
+    why = name_problem(name)
+    if why:
+        raise ConfigError(f"teacher.name is required: {why}" if not name
+                          else f"teacher.name={name!r} is invalid: {why}")
+    from .models.timm_backbone import token_layout
+    from .models.vit import EMBEDDINGS
+
+    if t.embedding is not None and t.embedding not in EMBEDDINGS:
+        raise ConfigError(f"teacher.embedding={t.embedding!r} is invalid: choose one of {list(EMBEDDINGS)}")
+    if t.embedding is not None and not token_layout(str(name))[0]:
+        raise ConfigError(f"teacher.embedding={t.embedding!r} is invalid for teacher.name={name}: it applies to ViT "
+                          f"models only (this one gives timm's pre-logits feature)")
+    set_vit = [k for k, v in OmegaConf.to_container(t.vit).items() if v is not None]
+    if set_vit:
+        raise ConfigError(f"teacher.vit.{set_vit[0]} is invalid for teacher=timm: timm's {name} fixes its sizes")
+
+
+#: a ViT sees image_size / patch_size patches per side; fewer than this many per side is warned about
+MIN_PATCH_GRID = 4
+
+
+def vit_patch_size(node: Any) -> Optional[int]:
+    """The patch size of a ``student`` / ``teacher`` node's ViT architecture (with its ``small_input`` and ``vit.*``
+    overrides); None for other architectures."""
+    from .models import backbone_options, is_vit
+    from .models.vit import OVERRIDABLE, VIT_SPECS, resolve_spec
+
+    if node is None or not is_vit(str(node.arch)):
+        return None
+    opts = backbone_options(node)
+    return resolve_spec(VIT_SPECS[str(node.arch)], opts["small_input"], **{k: opts.get(k) for k in OVERRIDABLE}
+                        ).patch_size
+
+
+def _check_patch_grid(cfg: DictConfig, group: str) -> None:
+    """A ViT cuts the image into patch x patch squares: ``data.image_size`` must be a multiple of the patch size (a
+    ConfigError naming both keys), and fewer than 4 x 4 patches is warned about."""
+    node = cfg.get(group)
+    if node is None:
+        return
+    if group == "teacher" and _is_timm_teacher(node):
+        from .models.timm_backbone import patch_size
+
+        name = OmegaConf.select(node, "name", throw_on_missing=False)
+        patch = patch_size(str(name)) if name and OmegaConf.select(node, "format") == "timm" else None
+        where = f"{group}.name={name} (timm; patch {patch} px)"
+    else:
+        patch = vit_patch_size(node)
+        key = f", {group}.vit.patch_size" if OmegaConf.select(node, "vit.patch_size") is not None else ""
+        where = f"{group}.arch={node.arch} (patch {patch} px{key})"
+    size = int(cfg.data.image_size)
+    if patch is None:
+        return
+    if size % patch:
+        lo, hi = size // patch * patch, (size // patch + 1) * patch
+        near = f"{lo} or {hi}" if lo else f"{hi}"
+        raise ConfigError(f"data.image_size={size} is not a multiple of the patch size of {where}: the ViT cuts the "
+                          f"image into {patch} x {patch} patches; use data.image_size={near}, or another {group}")
+    if size // patch < MIN_PATCH_GRID:
+        log.warning("data.image_size=%d gives %s only %d x %d patches (fewer than %d x %d): its attention has "
+                    "almost nothing to relate; a larger data.image_size or a smaller patch (a small-input %s) sees "
+                    "more", size, where, size // patch, size // patch, MIN_PATCH_GRID, MIN_PATCH_GRID, group)
+
+
 def validate_train(cfg: DictConfig) -> None:
     """Range and consistency checks for `compress_lit.train`; raises ConfigError naming the key."""
     _validate_common(cfg)
@@ -371,18 +473,26 @@ def validate_train(cfg: DictConfig) -> None:
     _positive(cfg, "method.student_temperature")
     _one_of(cfg, "method.name", METHODS)
     _one_of(cfg, "teacher.format", teacher_formats())
-    from .teachers.loading import arch_problem
+    from .teachers.loading import arch_problem, heads_problem
 
     why = arch_problem(cfg.teacher.format, cfg.teacher.arch)
     if why:
         raise ConfigError(f"teacher.arch={cfg.teacher.arch!r} is invalid for teacher.format={cfg.teacher.format}: "
                           f"{why}")
+    why = heads_problem(cfg.teacher.format, cfg.teacher.arch, OmegaConf.select(cfg, "teacher.vit.num_heads"))
+    if why:
+        raise ConfigError(f"teacher.vit.num_heads is required: {why}")
     _one_of(cfg, "method.queue_dtype", ("float32", "float16", "bfloat16"))
     for key in ("method.crd_dim", "method.crd_negatives", "method.crd_temperature", "method.cc_clusters",
                 "method.cc_kmeans_iters", "student.train_head_dim", "method.seed_hidden_dim",
                 "method.simreg_head_depth", "method.disco_hidden_dim", "method.disco_bn_splits"):
         _positive(cfg, key)
     _positive(cfg, "method.disco_weight", strict=False)
+    _one_of(cfg, "method.disco_teacher_bn", ("eval", "batch"))
+    if cfg.method.name == "disco" and cfg.method.disco_teacher_bn == "batch" \
+            and OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False):
+        raise ConfigError("method.disco_teacher_bn=batch normalises the teacher per BatchNorm group on each device, "
+                          "which trainer.sync_batchnorm=true would synchronise across devices: set one of them off")
     splits = OmegaConf.select(cfg, "method.disco_bn_splits")
     if cfg.method.name == "disco" and splits is not None and splits > 1 and cfg.data.batch_size < 2 * splits:
         raise ConfigError(f"method.disco_bn_splits={splits} is invalid for data.batch_size={cfg.data.batch_size}: "
@@ -392,7 +502,7 @@ def validate_train(cfg: DictConfig) -> None:
         raise ConfigError(f"method.crd_memory_momentum={crd_m} is invalid: need 0 <= m < 1")
     if not 0 <= cfg.method.momentum < 1:
         raise ConfigError(f"method.momentum={cfg.method.momentum} is invalid: need 0 <= m < 1")
-    if cfg.teacher.format not in ("random",) and not cfg.teacher.checkpoint:
+    if cfg.teacher.format not in ("random", "timm") and not cfg.teacher.checkpoint:
         raise ConfigError(f"teacher.checkpoint is required for teacher.format={cfg.teacher.format!r}")
     if cfg.method.one_queue and cfg.method.use_momentum_encoder:
         raise ConfigError("method.one_queue=true uses no student queue: set method.use_momentum_encoder=false")

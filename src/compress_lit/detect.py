@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError
 from .evaluation.settings import MODEL_FORMATS, register_eval_configs
 from .paths import config_dir
-from .startup import check_accelerator, check_file, check_mandatory, quiet_known_noise, run_entry, entry_main
+from .precision import apply_precision
+from .startup import check_accelerator, check_file, check_mandatory, entry_main, quiet_known_noise, run_entry
 
 log = logging.getLogger("compress_lit.detect")
 CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
@@ -93,6 +94,7 @@ def run_detect(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     from .evaluation.voc_detection import voc07_detection_ap
 
     _check(cfg)
+    apply_precision(cfg.trainer)  # trainer.precision=auto, as every entry point that builds a Trainer
     pl.seed_everything(cfg.seed, workers=True)
     settings = OmegaConf.to_object(cfg.detect)
     loaded = load_model(cfg.checkpoint, cfg.model_format, cfg.model)

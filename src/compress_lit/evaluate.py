@@ -4,7 +4,8 @@
 distillation (or MoCo pretraining) checkpoint of this project records its student's architecture and its training
 data, so ``checkpoint=`` alone suffices; a teacher file needs ``model_format=<moco|swav|simclr_tf|
 simclr_converted|torchvision|compress_lit|dino|dinov2|mocov3|barlowtwins|vicreg|random> model.arch=...
-[model.small_input=true model.embedding=... model.vit.* ...] data=<preset>``.
+[model.small_input=true model.embedding=... model.vit.* ...] data=<preset>``; a timm model:
+``model_format=timm model.arch=timm model.name=<model>.<pretrained tag> [checkpoint=<its file>]``.
 ``model_format=pixels data=<preset>`` (no checkpoint) scores the flattened normalised image itself: the floor
 a learned embedding should beat (raw pixels are strong on small grey data sets such as Fashion-MNIST).
 ``layer=`` picks another layer (AlexNet conv1..fc7, ResNet stem/layer1..4/pool; spatial maps are average-pooled:
@@ -42,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError
 from .evaluation.settings import EVALUATIONS, MODEL_FORMATS, register_eval_configs
 from .paths import config_dir
-from .startup import check_accelerator, check_device, check_file, check_mandatory, run_entry, entry_main
+from .startup import check_accelerator, check_device, check_file, check_mandatory, entry_main, run_entry
 
 log = logging.getLogger("compress_lit.evaluate")
 CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
@@ -53,8 +54,8 @@ EVAL_FORMATS = (*MODEL_FORMATS, "pixels")
 
 def _check(cfg: DictConfig) -> None:
     """Start-up checks (before the model or any data is loaded): ConfigErrors naming the key."""
-    if cfg.get("model_format") == "pixels" and OmegaConf.is_missing(cfg, "checkpoint"):
-        cfg.checkpoint = ""  # the raw pixels read no file
+    if cfg.get("model_format") in ("pixels", "timm") and OmegaConf.is_missing(cfg, "checkpoint"):
+        cfg.checkpoint = ""  # the raw pixels read no file; a timm model's weights may come from the HF cache
     check_mandatory(cfg)
     if cfg.model_format not in EVAL_FORMATS:
         raise ConfigError(f"model_format={cfg.model_format!r} is invalid: choose one of {list(EVAL_FORMATS)}")
@@ -76,8 +77,9 @@ def _check(cfg: DictConfig) -> None:
 
 
 def check_model_inputs(cfg: DictConfig) -> None:
-    """``checkpoint=`` names an existing file (``model_format=random`` needs none) and ``device=`` exists here."""
-    if cfg.model_format not in ("random", "pixels") or cfg.checkpoint:
+    """``checkpoint=`` names an existing file (``model_format=random`` needs none, ``timm`` may read the Hugging Face
+    cache instead) and ``device=`` exists here."""
+    if cfg.model_format not in ("random", "pixels", "timm") or cfg.checkpoint:
         check_file("checkpoint", cfg.checkpoint, "checkpoint file")
     check_device(cfg.device)
 

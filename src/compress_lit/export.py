@@ -45,7 +45,7 @@ from torch import nn
 
 from .paths import config_dir
 from .safety import load_torch_file
-from .startup import USER_ERRORS, check_mandatory, run_entry, entry_main
+from .startup import USER_ERRORS, check_mandatory, entry_main, run_entry
 
 log = logging.getLogger("compress_lit.export")
 CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
@@ -143,6 +143,17 @@ def teacher_from_config(config: dict) -> tuple[Optional[nn.Module], str, str]:
               embedding=t.get("embedding"), vit=t.get("vit"))
     path, fmt = t.get("checkpoint"), t.get("format") or "torchvision"
     note = None
+    if fmt == "timm":  # timm builds it: its weights from the file or the Hugging Face cache, else random
+        from .models.timm_backbone import TimmBackbone, create
+        from .teachers import TeacherLoadError, build_teacher
+
+        try:
+            teacher = build_teacher(OmegaConf.create({"name": name, "arch": "timm", "format": "timm",
+                                                      "checkpoint": path, "embedding": t.get("embedding")}))
+            return teacher.backbone.eval(), name, f"timm {name}, pretrained weights"
+        except TeacherLoadError as e:
+            return (TimmBackbone(create(name, pretrained=False), name, t.get("embedding")).eval(), name,
+                    f"random weights: loading timm's {name} failed ({e})")
     if fmt == "random":
         note = "random weights (teacher.format=random)"
     elif not path:

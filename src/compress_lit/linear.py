@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError
 from .evaluation.settings import register_eval_configs
 from .paths import config_dir
-from .startup import check_accelerator, check_mandatory, run_entry, entry_main
+from .precision import apply_precision
+from .startup import check_accelerator, check_mandatory, entry_main, run_entry
 
 log = logging.getLogger("compress_lit.linear")
 CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
@@ -50,6 +51,7 @@ def run_linear(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     check_model_inputs(cfg)  # as compress_lit.evaluate: checkpoint= exists, device= is there
     if cfg.linear.mode == "full":
         check_accelerator(cfg.trainer)
+        apply_precision(cfg.trainer)  # trainer.precision=auto, as every entry point that builds a Trainer
     pl.seed_everything(cfg.seed, workers=True)
     loaded = load_model(cfg.checkpoint, cfg.model_format, cfg.model)
     layers = resolve_layers(loaded.model, cfg.layer, cfg.layers, loaded.arch)

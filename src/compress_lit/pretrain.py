@@ -21,13 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 from .config import register_configs, validate_pretrain, warn_queue_vs_data
 from .data import build_datamodule
 from .methods import MoCoV2
+from .precision import apply_precision
 from .runtime.fit import fit
 from .reporting import end_of_run
 from .safety import atomic_copy, check_writable
 from .evaluation.suite import evaluate_models, format_table
 from .distributed import apply_batch_plan
-from .startup import check_accelerator, check_mandatory, run_entry, entry_main
-from .train import CONF_DIR, build_run, build_student, start_run
+from .startup import check_accelerator, check_mandatory, entry_main, run_entry
+from .train import build_run, build_student, start_run
 
 log = logging.getLogger("compress_lit.pretrain")
 register_configs()
@@ -37,6 +38,7 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> dict:
     check_mandatory(cfg)
     validate_pretrain(cfg)
     check_accelerator(cfg.trainer)
+    apply_precision(cfg.trainer)  # trainer.precision=auto resolved, logged and recorded in the run's config
     resume = start_run(cfg, run_dir)  # one run per folder; resume=auto: continues in the earlier run's directory
     run_dir = resume.run_dir
     if cfg.output:

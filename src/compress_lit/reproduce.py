@@ -28,11 +28,11 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from .run_records import restore_progress, save_progress
+from .precision import PRECISIONS, args_precision, bf16_slowdown_warning, command_precision
+from .run_records import recorded_precision, restore_progress, save_progress
 from .safety import load_torch_file
-from .startup import USER_ERRORS, check_mandatory, run_entry, entry_main
+from .startup import USER_ERRORS, check_mandatory, entry_main, run_entry
 from .teacher_check import bars_lines, run_teacher_check, teacher_bars
-from .train import CONF_DIR
 
 METRICS = ("1-NN", "20-NN", "cluster", "linear")
 METHOD_LABELS = {"moco_scratch": "MoCo from scratch", "supervised": "supervised", "regression": "Regression",
@@ -129,6 +129,12 @@ class ReproduceConfig:
     # a tracked file of the finished runs' records (run_records.py): read back as finished runs before running,
     # written after; lets a reproduction longer than one machine's life continue elsewhere. null: runs/ only
     progress: Optional[str] = None
+    # every student run's trainer.precision (null: the preset's, in common_args). `auto` is resolved for this
+    # machine in each run's command line (precision.py), so a run's key and record name the precision it ran in
+    precision: Optional[str] = None
+    # false: no run evaluates the reference rows (random init, teacher, raw pixels): a partial rerun of some rows
+    # whose commands then equal the table's own but for what it changes (reproduce_preset=fp32)
+    references: bool = True
 
 
 ConfigStore.instance().store(name="reproduce_schema", node=ReproduceConfig)
@@ -196,8 +202,10 @@ def _run_step(module: str, args: list[str], runs: Path, tag: str, dry: bool, thr
     seconds = time.time() - t0
     if module == "compress_lit.train" and "method=supervised" in args:
         keep_classifier_accuracy(run_dir)  # while its checkpoint is here: a progress record carries it elsewhere
+    precision = args_precision(args)  # the command's, resolved (step_command): what the run ran in
     (run_dir / "step.json").write_text(json.dumps({"seconds": round(seconds, 1), "threads": threads,
-                                                   "command": " ".join(["python", "-m", module, *args])}))
+                                                   "command": " ".join(["python", "-m", module, *args]),
+                                                   **({"precision": precision} if precision else {})}))
     print(f"[reproduce] {tag}: done in {seconds:.0f} s", flush=True)
     return run_dir, json.loads(done.read_text())
 
@@ -307,6 +315,8 @@ def markdown_table(table: dict[str, dict[str, dict]], meta: dict) -> str:
         lines += [meta["notes"], ""]
     if meta.get("progress"):
         lines += [f"Progress: {meta['progress']}.", ""]
+    if meta.get("precision"):
+        lines += [f"Precision: {meta['precision']}.", ""]
     for student, rows in table.items():
         best = best_rows(rows)
         lines += [f"## {student}", "", "| model | 1-NN | 20-NN | cluster alignment | linear | runs |",
@@ -361,12 +371,14 @@ def bar_chart(table: dict, path: Path) -> None:
 
 def step_command(cfg: DictConfig, student: str, method: str, seed: int, teacher_ckpt: Path,
                  extra: tuple[str, ...] = (), references: tuple[str, ...] = ()) -> tuple[str, list[str]]:
-    """The module and overrides of one student run; ``extra`` overrides come last (the ablations' changes).
+    """The module and overrides of one student run; ``extra`` overrides come last (the ablations' changes). Its
+    ``trainer.precision`` is ``precision`` when set, and ``auto`` is resolved (:func:`command_precision`).
     ``references``: the reference rows this run evaluates beside its student, any of ``random`` (the random-init
     student), ``teacher`` and ``pixels`` (raw pixels); the table takes them from the supervised runs."""
     if method == "moco_scratch":  # MoCo v2 from scratch on the student: the pretraining entry point
-        return "compress_lit.pretrain", [f"student={student}", f"seed={seed}", *cfg.common_args, *cfg.scratch_args,
-                                         *cfg.method_args.get(method, []), *extra]
+        args = [f"student={student}", f"seed={seed}", *cfg.common_args, *cfg.scratch_args,
+                *cfg.method_args.get(method, []), *extra]
+        return "compress_lit.pretrain", command_precision(args, cfg.precision)[0]
     args = [*cfg.teacher_overrides, f"teacher.checkpoint={teacher_ckpt}", "teacher.pretrain_if_missing=false",
             f"student={student}", f"method={method}", f"seed={seed}", *cfg.common_args, *cfg.train_args,
             *cfg.method_args.get(method, []),
@@ -376,7 +388,8 @@ def step_command(cfg: DictConfig, student: str, method: str, seed: int, teacher_
         args.append("eval.pixel_baseline=true")
     if method in cfg.cached_methods:
         args += list(cfg.cache_args)
-    return "compress_lit.train", [*args, *extra]
+    # trainer.precision=auto resolved for this machine: the run's key and record name what it ran in
+    return "compress_lit.train", command_precision([*args, *extra], cfg.precision)[0]
 
 
 def ablation_points(ab: DictConfig) -> list[tuple[str, dict[str, float]]]:
@@ -422,7 +435,8 @@ def run_ablation(cfg: DictConfig, runs: Path, teacher_ckpt: Path, out: Path, tea
              aggregate(dict(sorted(rows["queue_size"].items(), key=lambda kv: int(kv[0][6:]))))}
     meta = {"data": cfg.data_name,
             "command": f"python -m compress_lit.reproduce reproduce_preset={cfg.name} ablation.enabled=true",
-            "teacher": " ".join(cfg.teacher_args), "student_args": " ".join(cfg.common_args),
+            "teacher": " ".join(cfg.teacher_args),
+            "student_args": " ".join(command_precision(list(cfg.common_args), cfg.precision)[0]),
             "seeds": list(ab.seeds)}
     stem = out / f"ablation_{cfg.data_name}" if cfg.name == "full" else out / f"ablation_{cfg.data_name}_{cfg.name}"
     md = markdown_table(table, meta).replace("# CompReSS comparison", "# CompReSS ablations", 1)
@@ -589,6 +603,7 @@ def plan_steps(cfg: DictConfig, teacher_ckpt: Path, teacher: str = "") -> list[S
     run_family = cfg.part in ("all", "family")
     methods = [*cfg.methods, *[m for m in cfg.family_methods if m not in cfg.methods]]
     ref_method = "supervised" if "supervised" in methods else next((m for m in methods if m != "moco_scratch"), None)
+    ref_method = ref_method if cfg.references else None
     steps = []
     for student in cfg.students:
         for method in methods:
@@ -677,6 +692,41 @@ def execute_recorded(cfg: DictConfig, steps: list[Step], runs: Path) -> list[dic
         print(f"[reproduce] progress={cfg.progress}: {n} finished runs recorded", flush=True)
 
 
+def announce_precision(cfg: DictConfig) -> list[str]:
+    """``common_args`` as every student run gets them (``precision`` applied, ``auto`` resolved for this machine),
+    after saying once which precision that is and why, and warning where an explicit bf16 would be emulated. A
+    ``precision`` Lightning does not know is a ``ConfigError`` naming it."""
+    from .config import ConfigError
+
+    if cfg.precision is not None and str(cfg.precision) not in PRECISIONS:
+        raise ConfigError(f"precision={cfg.precision!r} is invalid: choose one of {list(PRECISIONS)}")
+    args, choice = command_precision(list(cfg.common_args), cfg.precision)
+    if choice is not None:
+        print(f"[reproduce] precision of every student run: {choice.line()}", flush=True)
+        warning = bf16_slowdown_warning(choice)
+        if warning:
+            print(f"[reproduce] warning: {warning}", flush=True)
+    return args
+
+
+def precision_note(steps: list[Step], results: list[dict | None], runs: Path) -> str:
+    """The precision the finished runs ran in, as their records state (``run_records.recorded_precision``):
+    ``bf16-mixed (all 66 runs)``, or each precision with its number of runs."""
+    counts: dict[str, int] = {}
+    seen = set()
+    for st, res in zip(steps, results):
+        key = step_key(st.module, st.args, st.teacher)
+        if res is None or key in seen:
+            continue
+        seen.add(key)
+        p = recorded_precision(_find_done(runs, st.tag, key).parent) or "not recorded"
+        counts[p] = counts.get(p, 0) + 1
+    if len(counts) == 1:
+        p, n = next(iter(counts.items()))
+        return f"{p} ({'all ' if n > 1 else ''}{n} run{'s' if n > 1 else ''}, as each run's record states)"
+    return "; ".join(f"{p}: {n} runs" for p, n in sorted(counts.items())) + " (as each run's record states)"
+
+
 def table_rows(cfg: DictConfig, steps: list[Step], results: list[dict | None]) -> dict[str, dict]:
     """Per student: the reference rows (raw pixels, random init, teacher, supervised) then every method."""
     table: dict[str, dict] = {}
@@ -758,6 +808,7 @@ def run_reproduce(cfg: DictConfig) -> dict:
             print("\n".join(bars_lines(check, bars, table_probe(cfg))), flush=True)
         return {"teacher": t_res, "teacher_check": check}
     ident = "" if cfg.dry_run else teacher_weights(cfg, out)
+    student_args = announce_precision(cfg)
     steps = plan_steps(cfg, teacher_ckpt, ident)
     results = execute_recorded(cfg, steps, runs)
     if cfg.dry_run:
@@ -767,10 +818,13 @@ def run_reproduce(cfg: DictConfig) -> dict:
     table = table_rows(cfg, steps, results)
     _, manifest = teacher_files(cfg, out)
     sha = json.loads(manifest.read_text()).get("sha256", "") if manifest.exists() else ""
-    meta = {"data": cfg.data_name, "command": f"python -m compress_lit.reproduce reproduce_preset={cfg.name}",
+    command = f"python -m compress_lit.reproduce reproduce_preset={cfg.name}" + \
+        (f" precision={cfg.precision}" if cfg.precision is not None else "")
+    meta = {"data": cfg.data_name, "command": command,
             "teacher": " ".join(cfg.teacher_args) + (f" (SHA-256 {sha[:12]}...)" if sha else "")
             + (f" (weights SHA-256 {ident[:12]}...)" if ident else ""),
-            "student_args": " ".join(cfg.common_args), "seeds": list(cfg.seeds)}
+            "student_args": " ".join(student_args), "seeds": list(cfg.seeds),
+            "precision": precision_note(steps, results, runs)}
     missing = sum(r is None for r in results)
     if missing:
         meta["notes"] = (f"**Partial table**: {len(results) - missing} of {len(results)} student runs have finished; "
@@ -816,6 +870,7 @@ def run_calibration(cfg: DictConfig, runs: Path, out: Path) -> dict:
                               f"same metric and within, got {(c.metric, c.within)} after {seen[c.group]}")
     teacher_ckpt, _ = ensure_teacher(cfg, out)
     ident = "" if cfg.dry_run else teacher_weights(cfg, out)
+    student_args = announce_precision(cfg)
     steps = []
     for c in cfg.candidates:
         for seed in cfg.seeds:
@@ -841,7 +896,8 @@ def run_calibration(cfg: DictConfig, runs: Path, out: Path) -> dict:
             c["chosen"] = i == pick
     lines = [f"# Calibration on {cfg.data_name}: hyperparameters chosen on a validation split", "",
              f"Command: `python -m compress_lit.reproduce reproduce_preset={cfg.name}`. Every run: "
-             f"`{' '.join(cfg.common_args)}`; seeds {list(cfg.seeds)}. The validation split is `data.holdout` "
+             f"`{' '.join(student_args)}`; seeds {list(cfg.seeds)}. Precision: "
+             f"{precision_note(steps, results, runs)}. The validation split is `data.holdout` "
              "training images (seeded, disjoint from the training images); the test split is never read. "
              + ("Top-1 % on the validation split, one seed (no spread)." if per == 1 else
                 f"Top-1 % on the validation split, mean ± std over {per} seeds."), ""]

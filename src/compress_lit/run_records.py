@@ -3,8 +3,8 @@
 `compress_lit.reproduce` keeps each run in ``<out_dir>/runs/<step>-<key>/`` (checkpoints, logs, ``results.json``),
 which is too big to keep in git and is lost with the machine. ``progress=<file>`` keeps what the table needs from
 every finished run in one JSON file instead: its directory name (step and key: the key covers the command line and
-the teacher's weights hash), its ``results.json``, the supervised runs' ``classifier.json`` and its wall-clock
-seconds (``step.json``). Before running, every record is put back as a finished run directory (nothing that exists
+the teacher's weights hash), its ``results.json``, the supervised runs' ``classifier.json`` and its ``step.json``
+(wall-clock seconds, threads, command and the precision it ran in: :func:`recorded_precision`). Before running, every record is put back as a finished run directory (nothing that exists
 is overwritten); afterwards, every finished run is recorded. A record is reused only under its own key, so a run
 distilled from another teacher, or with another command line, is never taken for one of this call's runs.
 
@@ -72,3 +72,16 @@ def restore_progress(path: Path, runs: Path) -> int:
         (run_dir / "results.json").write_text(json.dumps(files["results.json"]))
         restored += 1
     return restored
+
+
+def recorded_precision(run_dir: Path) -> str | None:
+    """The precision a finished run ran in, from its ``step.json``: its ``precision``, or (a record written before
+    that was kept) the ``trainer.precision=`` of its command; None when neither says."""
+    step = Path(run_dir) / "step.json"
+    if not step.exists():
+        return None
+    record = json.loads(step.read_text())
+    if record.get("precision"):
+        return str(record["precision"])
+    words = str(record.get("command", "")).split()
+    return next((w.split("=", 1)[1] for w in words if w.startswith("trainer.precision=")), None)

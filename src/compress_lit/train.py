@@ -37,6 +37,7 @@ from .methods.simreg import SimReg
 from .models import build_from_config
 from .nonfinite import WeightWatch
 from .paths import config_dir
+from .precision import AUTO, apply_precision, resolved_precision
 from .reporting import HistoryCallback, end_of_run, hydra_run_identity, rich_progress_bar
 from .resume import prepare_resume
 from .runtime import run_folder
@@ -114,7 +115,7 @@ def _disco(cfg, student, teacher, dm, config):
     m = cfg.method
     return DisCo(student, teacher, cfg.optim, queue_size=m.queue_size, temperature=m.temperature,
                  momentum=m.momentum, weight=m.disco_weight, hidden_dim=m.disco_hidden_dim,
-                 bn_splits=m.disco_bn_splits, queue_dtype=m.queue_dtype, config=config,
+                 bn_splits=m.disco_bn_splits, teacher_bn=m.disco_teacher_bn, queue_dtype=m.queue_dtype, config=config,
                  train_head_dim=cfg.student.train_head_dim)
 
 
@@ -197,7 +198,8 @@ def cached_teacher(cfg: DictConfig, dm) -> torch.nn.Module:
     samples = dm.train_dataset_eval.fingerprint()  # exactly the images of this run's train split
 
     def expected():  # the checkpoint's weights hash is part of the teacher's identity (a swapped file is caught)
-        return expected_meta(cfg.teacher, cfg.data, dm.num_train, views, seed=cfg.seed, samples=samples)
+        return expected_meta(cfg.teacher, cfg.data, dm.num_train, views, seed=cfg.seed, samples=samples,
+                             precision=resolved_precision(cfg.trainer))
 
     try:
         teacher = open_cache(path, expected())
@@ -247,6 +249,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()) -> pl.Tr
                            auto_insert_metric_name=False, save_last="link", save_top_k=1, every_n_epochs=1,
                            save_on_train_epoch_end=True)
     kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    if kwargs.get("precision") == AUTO:  # Lightning does not know `auto` (entry points resolve it: precision.py)
+        kwargs["precision"] = resolved_precision(kwargs)
     kwargs.setdefault("max_epochs", cfg.optim.epochs)
     if is_ddp_name(kwargs.get("strategy")):  # no per-step re-broadcast of the queues (distributed.py)
         kwargs["strategy"] = ddp_strategy(kwargs["strategy"])
@@ -338,6 +342,7 @@ def start_run(cfg: DictConfig, run_dir: str | Path):
 
 def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
     check_train_startup(cfg)
+    apply_precision(cfg.trainer)  # trainer.precision=auto resolved, logged and recorded in the run's config
     warn_unused_settings(cfg)
     # resume=auto with an earlier run's checkpoint continues in that run's directory (resume.py)
     resume = start_run(cfg, run_dir)

@@ -6,10 +6,21 @@ teacher's, on both augmented views.
 
 ``q_v``: the student's (query encoder's) final embedding of view ``v``; ``t_v``: the teacher's embedding of the same
 view; ``k``: the momentum encoder's key of view 2 (the positive of ``q_1``); ``queue``: past keys (negatives).
-Each squared distance is averaged over the batch (``regression_loss``). The official ``main.py`` adds the two
-consistency terms with weight 1 to the InfoNCE loss, but with ``nn.MSELoss(reduction='sum')``, i.e. summed over
-each GPU's batch of 32 rather than averaged: relative to the (averaged) InfoNCE term its consistency weight is
-32x ours per sample. ``w`` (``method.disco_weight``) is the knob to sweep.
+InfoNCE and each squared distance are averaged over the batch (``regression_loss``).
+
+The weight. The official ``DisCo/main.py`` computes, on each GPU of its 8 x 32 images,
+``loss = CrossEntropyLoss()(logits) + MSELoss(reduction='sum')(t_1, q_1) + MSELoss(reduction='sum')(t_2, q_2)``
+(normalised vectors; ``only_mse`` off): the InfoNCE is averaged over the GPU's 32 images, each consistency term summed
+over them. DistributedDataParallel averages the 8 GPUs' gradients, so the objective it descends is
+
+    (1/8) Σ_g [ (1/32) Σ_{i∈g} nce_i + Σ_{i∈g} (c1_i + c2_i) ] = mean_i nce_i + 32 · mean_i (c1_i + c2_i),
+
+i.e. ``w = 32`` (:data:`DISCO_WEIGHT`, the default of ``method.disco_weight``) on our per-sample means. The 32 is the
+official per-GPU batch, not a property of the method: the official code run on 4 GPUs x 64 would weigh 64. We keep
+the published runs' 32 whatever our batch, device count or BatchNorm groups, so the balance of the two terms (and the
+gradient of each) is the published one: with means on each process and DDP's gradient average, our objective is the
+same on one device and on many. ``w = 1`` (this library's default before) weighs the consistency 32x less than the
+official code.
 """
 from __future__ import annotations
 
@@ -18,9 +29,12 @@ import torch.nn.functional as F
 
 from .regression import regression_loss
 
+#: the official consistency weight relative to per-sample means: DisCo's per-GPU batch (256 images on 8 GPUs)
+DISCO_WEIGHT = 32.0
+
 
 def disco_loss(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t1: torch.Tensor,
-               t2: torch.Tensor, temperature: float = 0.2, weight: float = 1.0
+               t2: torch.Tensor, temperature: float = 0.2, weight: float = DISCO_WEIGHT
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(total, contrastive, consistency)``; ``k`` and ``queue`` normalised, the rest normalised here."""
     from ..methods.moco import info_nce  # MoCo v2's own InfoNCE (imported late: methods import this package)

@@ -12,9 +12,17 @@ teacher embeds both views. Queue, projector and momentum encoder are dropped at 
 
 Defaults, from the official commands (Reproduction.md and ``DisCo/main.py`` of github.com/Yuting-Gao/DisCo-pytorch;
 the optimiser's are in the ``family/disco_*`` presets): queue 65,536 (``--moco-k``), T 0.2 (``--moco-t 0.2``),
-momentum 0.999 (``--moco-m``), consistency weight 1 (``1.0 * mse_loss + 1.0 * mse_loss_qk``), projector hidden
-width 2,048 (``builder_kq_mse_largeembedding_2048.py``: the paper's enlarged hidden layer against the "distilling
-bottleneck").
+momentum 0.999 (``--moco-m``), consistency weight 32 (``loss = 1.0 * loss + 1.0 * mse_loss + 1.0 * mse_loss_qk``
+with ``nn.MSELoss(reduction='sum')`` over each GPU's 32 images against a mean-reduced InfoNCE: 32x our per-sample
+mean, :mod:`compress_lit.losses.disco`), projector hidden width 2,048 (``builder_kq_mse_largeembedding_2048.py``: the
+paper's enlarged hidden layer against the "distilling bottleneck").
+
+The teacher's BatchNorm (``teacher_bn``): ``eval`` (default: the teacher as every method of this library runs it and
+as the evaluations score it: running statistics) or ``batch``, the official code's, whose teacher is never put in
+eval mode and normalises each view with the statistics of its GPU's 32 images. ``batch`` runs the teacher on each
+view in the BatchNorm groups of the queries (``bn_splits``: groups of 32 on one device) with batch statistics that
+update nothing (:func:`compress_lit.teachers.batch_stats.batch_statistics`): the teacher stays frozen and its stored
+running statistics unchanged. The ``family/disco_*`` presets set ``batch``.
 
 One difference: DisCo distils the teacher's 128-d MoCo projection output; here, as for every method of this library,
 the teacher's embedding is its backbone feature (docs/paper.md), so the projector maps to its width and the MoCo
@@ -22,32 +30,44 @@ queue holds keys of that width.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..anchor_queue import AnchorQueue
-from ..losses.disco import disco_loss
+from ..losses.disco import DISCO_WEIGHT, disco_loss
 from ..momentum import ema_update, make_momentum_copy
+from ..teachers.batch_stats import batch_norms, batch_statistics
 from .distill import DistillationModule
 from .moco import auto_bn_splits, encode_in_groups, mlp_projector
 
+log = logging.getLogger(__name__)
+
+#: ``method.disco_teacher_bn``: the teacher's BatchNorm statistics (running: ``eval``; each group's own: ``batch``)
+TEACHER_BN = ("eval", "batch")
 
 class DisCo(DistillationModule):
     #: images per training sample: train.py builds the datamodule with this many augmented views
     train_views = 2
 
     def __init__(self, student: nn.Module, teacher: nn.Module, optim, *, queue_size: int = 65_536,
-                 temperature: float = 0.2, momentum: float = 0.999, weight: float = 1.0, hidden_dim: int = 2048,
-                 bn_splits: int | None = None, queue_dtype: str = "float32", config: dict | None = None,
-                 train_head_dim: int | None = None):
+                 temperature: float = 0.2, momentum: float = 0.999, weight: float = DISCO_WEIGHT,
+                 hidden_dim: int = 2048, bn_splits: int | None = None, teacher_bn: str = "eval",
+                 queue_dtype: str = "float32", config: dict | None = None, train_head_dim: int | None = None):
         super().__init__(student, teacher, optim, config, train_head_dim)
         if getattr(teacher, "is_cached", False):
             raise ValueError("DisCo runs the teacher on both augmented views: it does not support a cached teacher")
         if bn_splits is not None and bn_splits < 1:
             raise ValueError(f"bn_splits must be >= 1 or None (auto), got {bn_splits}")
         self.temperature, self.momentum, self.weight = float(temperature), float(momentum), float(weight)
-        self.bn_splits = bn_splits
+        if teacher_bn not in TEACHER_BN:
+            raise ValueError(f"teacher_bn must be one of {list(TEACHER_BN)}, got {teacher_bn!r}")
+        self.bn_splits, self.teacher_bn = bn_splits, teacher_bn
+        if teacher_bn == "batch" and not batch_norms(teacher):
+            log.warning("method.disco_teacher_bn=batch: the teacher has no BatchNorm layer, so it computes exactly as "
+                        "with disco_teacher_bn=eval")
         self.projector = mlp_projector(self.student_dim, hidden_dim, self.teacher_dim)
         self.student_momentum = make_momentum_copy(student)
         self.train_head_momentum = make_momentum_copy(self.train_head) if self.train_head is not None else None
@@ -77,8 +97,15 @@ class DisCo(DistillationModule):
         return groups
 
     def teacher_targets(self, x, index, view=None) -> torch.Tensor:
-        x1, x2 = self.views(x)  # the teacher is in eval mode: both views in one forward
-        return super().teacher_targets(torch.cat([x1, x2]), index)
+        """The teacher's embeddings of view 1, then of view 2."""
+        x1, x2 = self.views(x)
+        if self.teacher_bn == "eval":  # running statistics: both views in one forward
+            return super().teacher_targets(torch.cat([x1, x2]), index)
+        # the official teacher: each view normalised with the batch statistics of its group (a GPU's 32 images)
+        groups = self.bn_groups(x1.shape[0])
+        with torch.inference_mode(), batch_statistics(self.teacher):
+            t = torch.cat([encode_in_groups(self.teacher, v, groups) for v in (x1, x2)]).float()
+        return t.clone()
 
     def training_embedding(self, x) -> torch.Tensor:
         """The student's embeddings of view 1, then of view 2 (each view its own BatchNorm groups)."""

@@ -5,8 +5,10 @@ the keyword arguments from a ``teacher`` / ``student`` / ``model`` config node);
 embedding is, ``layer_names`` which layers ``forward_features`` can return, ``arch_name`` which entry of
 :data:`ARCHITECTURES` built it.
 
-Embeddings: AlexNet ReLU(fc7); the plain ConvNet (the Fashion-MNIST teacher), ResNets, MobileNetV2 / V3 and EfficientNet the global average pool of the last
-convolutional stage; ViTs the class token after the final norm (or ``embedding=mean_patch|cls_and_mean``).
+Embeddings: AlexNet ReLU(fc7); the plain ConvNet (the Fashion-MNIST teacher), ResNets, MobileNetV2 and
+EfficientNet the global average pool of the last convolutional stage; MobileNetV3-Large that pool through its
+960 -> 1280 layer and Hardswish (1280-d; ``mobilenetv3_large_pool``: the 960-d pool); ViTs the class token after the
+final norm (or ``embedding=mean_patch|cls_and_mean``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from .alexnet import AlexNet
 from .convnet import ConvNet
 from .efficientnet import EfficientNetB0
 from .mobilenet import MobileNetV2
-from .mobilenetv3 import MobileNetV3Large
+from .mobilenetv3 import MobileNetV3Large, mobilenetv3_large_pool
 from .resnet import ResNet, resnet18, resnet34, resnet50, resnet50x4
 from .vit import EMBEDDINGS, OVERRIDABLE as VIT_OPTIONS, VIT_SPECS, ViT, vit_constructor
 
@@ -30,10 +32,15 @@ ARCHITECTURES = {
     "resnet50": resnet50,
     "resnet50x4": resnet50x4,
     "mobilenetv2": MobileNetV2,
-    "mobilenetv3_large": MobileNetV3Large,
+    "mobilenetv3_large": MobileNetV3Large,  # 1280-d: pool, Linear(960, 1280), Hardswish (SEED, DisCo, timm)
+    "mobilenetv3_large_pool": mobilenetv3_large_pool,  # the 960-d average pool alone
     "efficientnet_b0": EfficientNetB0,
     **{name: vit_constructor(name) for name in VIT_SPECS},
 }
+
+
+#: the architectures with a stochastic depth rate (``student.drop_path``)
+DROP_PATH_ARCHS = ("efficientnet_b0",)
 
 
 def is_vit(arch: str) -> bool:
@@ -48,6 +55,9 @@ def build_backbone(arch: str, small_input: bool = False, width_multiplier: float
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
     if width_multiplier is not None:
         kw["width_multiplier"] = width_multiplier
+    if kw.get("drop_path") is not None and arch not in DROP_PATH_ARCHS:
+        raise ValueError(f"{arch}: drop_path (stochastic depth) applies to {list(DROP_PATH_ARCHS)} only")
+    kw = {k: v for k, v in kw.items() if k != "drop_path" or v is not None}
     if not is_vit(arch):
         vit_only = sorted(k for k in ("embedding", *VIT_OPTIONS) if kw.get(k) is not None)
         if vit_only:
@@ -70,13 +80,16 @@ def _get(node: Any, key: str, default: Any = None) -> Any:
 
 def backbone_options(node: Any) -> dict[str, Any]:
     """The keyword arguments of :func:`build_backbone` that a ``teacher`` / ``student`` / ``model`` config node sets
-    (``small_input``, ``width_multiplier``; AlexNet ``fc_dim``, ``dropout``; ViT ``embedding`` and ``vit.*``)."""
+    (``small_input``, ``width_multiplier``; AlexNet ``fc_dim``, ``dropout``; EfficientNet ``drop_path``; ViT
+    ``embedding`` and ``vit.*``)."""
     kw: dict[str, Any] = {"small_input": bool(_get(node, "small_input", False)),
                           "width_multiplier": _get(node, "width_multiplier")}
     if _get(node, "fc_dim") is not None:
         kw["fc_dim"] = int(_get(node, "fc_dim"))
     if _get(node, "dropout"):
         kw["dropout"] = float(_get(node, "dropout"))
+    if _get(node, "drop_path") is not None:
+        kw["drop_path"] = float(_get(node, "drop_path"))
     if _get(node, "embedding") is not None:
         kw["embedding"] = str(_get(node, "embedding"))
     vit_node = _get(node, "vit")
@@ -96,6 +109,11 @@ def option_problems(node: Any) -> list[tuple[str, str]]:
     to the node: ``embedding``, ``vit.embed_dim``, ``width_multiplier`` ...)."""
     arch = str(_get(node, "arch"))
     problems = []
+    drop_path = _get(node, "drop_path")
+    if drop_path is not None and arch not in DROP_PATH_ARCHS:
+        problems.append(("drop_path", f"stochastic depth applies to {list(DROP_PATH_ARCHS)} only, not {arch!r}"))
+    elif drop_path is not None and not 0 <= float(drop_path) < 1:
+        problems.append(("drop_path", "need 0 <= rate < 1"))
     embedding = _get(node, "embedding")
     vit_node = _get(node, "vit")
     set_vit = [k for k in VIT_OPTIONS if _get(vit_node, k) is not None]

@@ -7,8 +7,9 @@ torchvision's pretrained files (``alexnet-owt-7be5be79.pth``, ``resnet18-f37072f
 
 * ResNet: our layout *is* torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1`` …); ``fc.*`` is the head.
 * MobileNetV2, MobileNetV3-Large, EfficientNet-B0: ``features.*`` is torchvision's own module (same names);
-  ``classifier.*`` is the head (the backbones' ``head_prefixes``; MobileNetV3's ``Linear(960, 1280)`` included:
-  the embedding is the 960-d pool before it). A timm / DeiT ViT classifier's head is ``head.*``.
+  ``classifier.*`` is the head (the backbones' ``head_prefixes``), except MobileNetV3-Large's ``classifier.0``
+  (``Linear(960, 1280)``, part of its 1280-d embedding: only ``classifier.3`` is the head; ``mobilenetv3_large_pool``
+  drops the whole classifier). A timm / DeiT ViT classifier's head is ``head.*``.
 * AlexNet: torchvision's ``features`` holds the five convolutions at indices 0, 3, 6, 8, 10 (ReLUs and max-pools
   in between) and ``classifier`` is ``Dropout, Linear (fc6), ReLU, Dropout, Linear (fc7), ReLU, Linear (head)``,
   so ``classifier.1`` is fc6, ``classifier.4`` fc7 and ``classifier.6`` the head. They map onto the convolution

@@ -188,7 +188,9 @@ def teacher_identity(tcfg: Any, seed: Optional[int] = None) -> dict:
     from ..models import backbone_options, is_vit
     from ..models.vit import OVERRIDABLE
 
-    if is_vit(str(tcfg.arch)):
+    if str(tcfg.format) == "timm":  # the timm name (with its tag) is the architecture and the weights' source
+        out["embedding"] = getattr(tcfg, "embedding", None) or "default"
+    elif is_vit(str(tcfg.arch)):
         opts = backbone_options(tcfg)
         out["embedding"] = opts.get("embedding", "cls")
         out["vit"] = {k: opts[k] for k in OVERRIDABLE if k in opts}
@@ -251,12 +253,22 @@ def transform_identity(dcfg: Any, views: int = 1, base_seed: Optional[int] = Non
     return out
 
 
+def compute_precision(precision: Any) -> str:
+    """The arithmetic a trainer precision computes the teacher's features in: ``bf16``, ``fp16`` or ``fp32``."""
+    p = str(precision)
+    return "bf16" if p.startswith("bf16") else "fp16" if p.startswith("16") else "fp32"
+
+
 def expected_meta(tcfg: Any, dcfg: Any, num_samples: int, views: int = 1, *, base_seed: Optional[int] = None,
-                  seed: Optional[int] = None, samples: Optional[str] = None) -> dict:
+                  seed: Optional[int] = None, samples: Optional[str] = None,
+                  precision: Optional[str] = None) -> dict:
     """What a cache for this teacher and data config must record (what :func:`open_cache` checks). ``samples``:
-    the train split's sample fingerprint (compared when given: a training run passes it)."""
+    the train split's sample fingerprint; ``precision``: what the features are computed in (:func:`compute_precision`
+    of the resolved ``trainer.precision``: a bf16 cache is not an fp32 run's). Each is compared when given: a
+    training run passes both."""
     return {"teacher": teacher_identity(tcfg, seed), "data": data_identity(dcfg, num_samples, samples),
-            "transform": transform_identity(dcfg, views, base_seed), "views": int(views)}
+            "transform": transform_identity(dcfg, views, base_seed), "views": int(views),
+            **({"precision": compute_precision(precision)} if precision is not None else {})}
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -596,13 +608,13 @@ def build_cache(path: str | os.PathLike, teacher: nn.Module, dataset: Dataset, m
 
 def cache_meta(tcfg: Any, dcfg: Any, teacher: nn.Module, num_samples: int, views: int = 1, *,
                dtype: str = "float16", base_seed: int = 0, seed: Optional[int] = None,
-               samples: Optional[str] = None) -> dict:
+               samples: Optional[str] = None, precision: Optional[str] = None) -> dict:
     """The full meta of a cache about to be built with the (already built) ``teacher``; ``samples``: the train
     split's sample fingerprint (:func:`data_identity`)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {list(DTYPES)}")
     meta = expected_meta(tcfg, dcfg, num_samples, views, base_seed=base_seed if views > 1 else None, seed=seed,
-                         samples=samples)
+                         samples=samples, precision=precision)
     fp = teacher.fingerprint() if hasattr(teacher, "fingerprint") else None
     meta["teacher"]["fingerprint"] = fp
     dim = int(teacher.embed_dim)

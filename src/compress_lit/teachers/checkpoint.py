@@ -9,7 +9,6 @@ Nothing is loaded with ``strict=False``.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -17,7 +16,16 @@ import torch
 from torch import nn
 
 SHOW = 5  # how many key names an error message lists
-Mapped = list  # list[tuple[str, str | None, Any]]: (file key, backbone key or None = dropped, tensor)
+
+
+class Mapped(list):
+    """``[(file key, backbone key or None = dropped, tensor), ...]``; ``notes``: what the format undid in the file's
+    layout before mapping its keys (a training checkpoint's wrapper, a ``module.`` prefix: :mod:`.wrappers`), said
+    in the log when the file loads and in the error when it does not."""
+
+    def __init__(self, items: Iterable = (), notes: Iterable[str] = ()):
+        super().__init__(items)
+        self.notes = list(notes)
 
 
 class TeacherLoadError(RuntimeError):
@@ -133,12 +141,25 @@ def under_prefix(sd: Mapping[str, Any], prefix: str, dropped: Callable[[str], bo
     return out
 
 
+def unwrapped_identity(sd: Mapping[str, Any], dropped: Callable[[str], bool] = lambda k: False,
+                       notes: Iterable[str] = ()) -> Mapped:
+    """:func:`identity` on the keys without a DataParallel / DDP ``module.`` prefix (stripped once when every key
+    has it: :func:`.wrappers.unprefixed`); the file keys stay the file's own in the mapping (and its errors)."""
+    from .wrappers import unprefixed
+
+    names, more = unprefixed(sd)
+    return Mapped([(f, None if dropped(k) else k, sd[f]) for k, f in names.items()], [*notes, *more])
+
+
 def plain_backbone(obj: Any, what: str) -> Mapped:
-    """A release that is the backbone's own plain state_dict (no wrapper prefix, no head): every key as it is, so
-    a head (``fc.*``) or a prefix is reported as unexpected."""
+    """A release that is the backbone's own plain state_dict (no prefix, no head): every key as it is, so a head
+    (``fc.*``) or a prefix is reported as unexpected; a ``module.`` prefix on every key (a wrapped model's
+    state_dict) is stripped once."""
+    from .wrappers import unprefixed
+
     sd = plain_state_dict(obj, what)
-    no_prefix(sd, ("module.", "backbone.", "encoder.", "model."), what)
-    return identity(sd)
+    no_prefix(dict.fromkeys(unprefixed(sd)[0]), ("module.", "backbone.", "encoder.", "model."), what)
+    return unwrapped_identity(sd)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -183,4 +204,4 @@ def check_mapping(mapped: Mapped, model: nn.Module) -> tuple[dict[str, torch.Ten
 
 __all__ = ["CheckpointFormat", "LayoutMismatch", "Mapped", "TeacherLoadError", "check_mapping", "describe_top",
            "first_line", "identity", "inner_state_dict", "need_prefix", "no_prefix", "plain_backbone",
-           "plain_state_dict", "read_checkpoint", "sample", "under_prefix"]
+           "plain_state_dict", "read_checkpoint", "sample", "under_prefix", "unwrapped_identity"]

@@ -1,7 +1,7 @@
 """Loading a teacher: build the architecture, map the file's keys with its format, check them, freeze.
 
 Every error names the file, the format and the keys (:class:`~.checkpoint.TeacherLoadError`); when the file fits
-another format, the message says which.
+another format, or a teacher preset of another architecture, the message says which (:mod:`.hints`).
 """
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ from typing import Any
 
 from torch import nn
 
-from ..models import build_from_config
+from ..models import backbone_options, build_from_config
 from .checkpoint import LayoutMismatch, TeacherLoadError, check_mapping, read_checkpoint, sample
 from .formats import CHECKPOINT_FORMATS, FORMATS
 from .frozen import FrozenTeacher
 
 log = logging.getLogger(__name__)
+
+#: ``teacher.format=timm`` (with ``teacher.arch=timm``): a model built by timm from ``teacher.name``
+TIMM = "timm"
 
 
 def arch_problem(fmt: str, arch: str | None) -> str | None:
@@ -28,6 +31,36 @@ def arch_problem(fmt: str, arch: str | None) -> str | None:
     return f"format {fmt!r} fits teacher.arch one of {list(spec.archs)}, not {arch!r}{note}"
 
 
+def _shapes(spec) -> tuple:
+    """What a ViT's weight shapes depend on (not its head count: ``attn.qkv`` is (3 D, D) for any number of heads)."""
+    return spec.patch_size, spec.embed_dim, spec.depth, spec.img_size, spec.layer_scale, spec.registers
+
+
+def heads_problem(fmt: str, arch: str | None, num_heads: int | None) -> str | None:
+    """Why a ViT file cannot load as ``arch`` in format ``fmt`` without its head count confirmed (None when it can).
+
+    A release format fixes the architecture (DINO's ViT-S/16 has 6 heads, MoCo v3's 12: ``teacher.format=dino`` /
+    ``mocov3`` refuse the other). A format that takes any architecture (``torchvision``, ``compress_lit`` ...)
+    cannot tell them apart: the heads split ``attn.qkv`` without changing a single shape, so a MoCo v3 ViT-S file
+    would load silently into DINO's 6-head ViT-S and compute something else. For an architecture that shares its
+    weight shapes with another of another head count, ``teacher.vit.num_heads`` must say which."""
+    from ..models.vit import VIT_SPECS
+
+    spec = FORMATS.get(fmt)
+    if spec is None or spec.archs is not None or num_heads is not None or arch not in VIT_SPECS:
+        return None
+    mine = VIT_SPECS[arch]
+    others = [(n, s.num_heads) for n, s in VIT_SPECS.items()
+              if _shapes(s) == _shapes(mine) and s.num_heads != mine.num_heads]
+    if not others:
+        return None
+    alts = ", ".join(f"{n} ({h} heads)" for n, h in others)
+    return (f"teacher.format={fmt} reads any file, and the weights of teacher.arch={arch} ({mine.num_heads} heads) "
+            f"have exactly the shapes of {alts}: the head count changes the outputs, not the file, so it cannot be "
+            f"told from the weights; confirm it with teacher.vit.num_heads=<n> (DeiT-S and DINO's ViT-S: 6, MoCo v3's "
+            f"ViT-S: 12), or load a release with its own format (teacher=dino_vits16, teacher=mocov3_vits)")
+
+
 def check_arch(fmt: str, model: nn.Module, where: str) -> None:
     """The architecture must be one the format's releases come in (when the format says so)."""
     why = arch_problem(fmt, getattr(model, "arch_name", None))
@@ -35,25 +68,15 @@ def check_arch(fmt: str, model: nn.Module, where: str) -> None:
         raise TeacherLoadError(f"{where}: {why}")
 
 
-def _fits(fmt: str, obj: Any, model: nn.Module) -> bool:
-    if arch_problem(fmt, getattr(model, "arch_name", None)):
-        return False
-    try:
-        _, problems = check_mapping(FORMATS[fmt].map(obj, model), model)
-    except LayoutMismatch:
-        return False
-    return not problems
-
-
 def _guess(fmt: str, obj: Any, model: nn.Module) -> str:
-    fits = [f for f in CHECKPOINT_FORMATS if f != fmt and _fits(f, obj, model)]
-    if fits:
-        return f"; the file fits format {' / '.join(repr(f) for f in fits)} instead"
-    return "; no other format fits it either"
+    from .hints import guess  # the other formats, then the teacher presets of every architecture
+
+    return guess(fmt, obj, model)
 
 
-def load_state(path: str, fmt: str, model: nn.Module) -> int:
-    """Load and return the number of tensors taken from the file."""
+def load_state_noted(path: str, fmt: str, model: nn.Module) -> tuple[int, list[str]]:
+    """Load; return the number of tensors taken from the file and what the format undid in its layout (a training
+    checkpoint's wrapper, a DataParallel / DDP prefix: :mod:`.wrappers`)."""
     if fmt not in FORMATS:
         raise TeacherLoadError(f"teacher checkpoint {path!r}: unknown format {fmt!r}; "
                                f"choose one of {list(CHECKPOINT_FORMATS)}")
@@ -64,19 +87,27 @@ def load_state(path: str, fmt: str, model: nn.Module) -> int:
     except LayoutMismatch as e:
         raise TeacherLoadError(f"teacher checkpoint {path!r} does not fit format {fmt!r}: {e}"
                                f"{_guess(fmt, obj, model)}") from None
+    notes = list(getattr(mapped, "notes", ()))
+    undone = f" ({'; '.join(notes)})" if notes else ""
     state, problems = check_mapping(mapped, model)
     own = set(model.state_dict())
     if not any(m in own for _, m, _ in mapped if m is not None):
         keys = [f for f, m, _ in mapped if m is not None]
         raise TeacherLoadError(
-            f"teacher checkpoint {path!r} does not fit format {fmt!r}: none of its keys maps onto the backbone "
-            f"({type(model).__name__}); file keys: {sample(keys)}{_guess(fmt, obj, model)}; "
+            f"teacher checkpoint {path!r} does not fit format {fmt!r}{undone}: none of its keys maps onto the "
+            f"backbone ({type(model).__name__}); file keys: {sample(keys)}{_guess(fmt, obj, model)}; "
             + "; ".join(problems))
     if problems:
-        raise TeacherLoadError(f"teacher checkpoint {path!r} (format {fmt!r}) does not match the backbone "
-                               f"({type(model).__name__}): " + "; ".join(problems) + _guess(fmt, obj, model))
+        raise TeacherLoadError(f"teacher checkpoint {path!r} (format {fmt!r}{', ' + '; '.join(notes) if notes else ''})"
+                               f" does not match the backbone ({type(model).__name__}): " + "; ".join(problems)
+                               + _guess(fmt, obj, model))
     model.load_state_dict(state, strict=True)
-    return sum(1 for _, m, _ in mapped if m is not None)  # every mapped tensor was loaded
+    return sum(1 for _, m, _ in mapped if m is not None), notes  # every mapped tensor was loaded
+
+
+def load_state(path: str, fmt: str, model: nn.Module) -> int:
+    """Load and return the number of tensors taken from the file."""
+    return load_state_noted(path, fmt, model)[0]
 
 
 def load_backbone_state(path: str, fmt: str, model: nn.Module) -> None:
@@ -86,19 +117,29 @@ def load_backbone_state(path: str, fmt: str, model: nn.Module) -> None:
     file, a top-level structure that does not fit the format, and any missing key, unexpected key or shape
     mismatch; only ``*.num_batches_tracked`` buffers may be absent from the file.
     """
-    n = load_state(path, fmt, model)
-    log.debug("loaded %d tensors from %s (format %s)", n, path, fmt)
+    n, notes = load_state_noted(path, fmt, model)
+    (log.info if notes else log.debug)("loaded %d tensors from %s (format %s%s)", n, path, fmt,
+                                       "".join(f"; {note}" for note in notes))
 
 
 def build_teacher(cfg: Any) -> FrozenTeacher:
     """Build ``cfg.arch`` (with ``cfg``'s architecture options) and load ``cfg.checkpoint`` in ``cfg.format``
-    (nothing for ``random``), frozen."""
+    (nothing for ``random``; ``timm``: timm builds ``cfg.name`` with its pretrained weights), frozen."""
     fmt = cfg.format
+    if fmt == TIMM:  # built by timm with its own weights (teachers/timm_teacher.py)
+        from .timm_teacher import build_timm_backbone
+
+        teacher = FrozenTeacher(build_timm_backbone(cfg), name=str(cfg.name))
+        log.info("teacher %s: embed_dim %d, fingerprint %s", cfg.name, teacher.embed_dim, teacher.fingerprint())
+        return teacher
     try:
         backbone = build_from_config(cfg)
     except ValueError as e:
         raise TeacherLoadError(f"teacher {getattr(cfg, 'name', None) or cfg.arch!r}: {e}") from None
     name = getattr(cfg, "name", None) or cfg.arch
+    why = heads_problem(fmt, str(cfg.arch), backbone_options(cfg).get("num_heads"))
+    if why:
+        raise TeacherLoadError(f"teacher {name!r}: {why}")
     if fmt == "random":
         log.warning("teacher %s (%s): format 'random', no checkpoint loaded (randomly initialised)", name, cfg.arch)
     else:
@@ -106,11 +147,13 @@ def build_teacher(cfg: Any) -> FrozenTeacher:
         if not path:
             raise TeacherLoadError(f"teacher {name!r}: format {fmt!r} needs a checkpoint path (teacher.checkpoint)")
         path = os.path.expanduser(str(path))
-        n = load_state(path, fmt, backbone)
-        log.info("teacher %s (%s): loaded %d tensors from %s (format %s)", name, cfg.arch, n, path, fmt)
+        n, notes = load_state_noted(path, fmt, backbone)
+        log.info("teacher %s (%s): loaded %d tensors from %s (format %s%s)", name, cfg.arch, n, path, fmt,
+                 "".join(f"; {note}" for note in notes))
     teacher = FrozenTeacher(backbone, name=name)
     log.info("teacher %s: embed_dim %d, fingerprint %s", name, teacher.embed_dim, teacher.fingerprint())
     return teacher
 
 
-__all__ = ["arch_problem", "build_teacher", "check_arch", "load_backbone_state", "load_state"]
+__all__ = ["TIMM", "arch_problem", "build_teacher", "check_arch", "heads_problem", "load_backbone_state", "load_state",
+           "load_state_noted"]

@@ -27,7 +27,8 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoint import CheckpointFormat, LayoutMismatch, Mapped, identity, plain_state_dict, sample
+from ..checkpoint import CheckpointFormat, LayoutMismatch, Mapped, plain_state_dict, sample, unwrapped_identity
+from ..wrappers import unprefixed
 
 ARCHS = ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_large_patch14_dinov2",
          "vit_small_patch14_reg4_dinov2", "vit_base_patch14_reg4_dinov2", "vit_large_patch14_reg4_dinov2")
@@ -38,10 +39,10 @@ WHAT = ("a DINOv2 hub backbone (dinov2_vit*14[_reg4]_pretrain.pth): a plain stat
 
 def map_dinov2(obj: Any, model: nn.Module) -> Mapped:
     sd = plain_state_dict(obj, WHAT)
-    if "mask_token" not in sd:
+    if "mask_token" not in unprefixed(sd)[0]:  # (a DataParallel / DDP 'module.' prefix is stripped)
         raise LayoutMismatch(f"expected {WHAT}, but there is no 'mask_token' (every DINOv2 backbone file has one); "
                              f"the file's keys are {sample(list(sd))}")
-    return identity(sd, dropped=lambda k: k == "mask_token")
+    return unwrapped_identity(sd, dropped=lambda k: k == "mask_token")
 
 
 FORMATS = (CheckpointFormat(

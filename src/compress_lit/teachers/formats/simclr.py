@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from ..checkpoint import CheckpointFormat, LayoutMismatch, Mapped, identity, inner_state_dict, sample
+from ..checkpoint import CheckpointFormat, LayoutMismatch, Mapped, inner_state_dict, sample, unwrapped_identity
 
 
 def _tf_name(base: str, i: int) -> str:
@@ -73,7 +73,7 @@ def map_simclr_tf(obj: Any, model: nn.Module) -> Mapped:
 
 def map_simclr_converted(obj: Any, model: nn.Module) -> Mapped:
     what = "a converted SimCLR checkpoint: {'state_dict': <torchvision-layout keys>}"
-    return identity(inner_state_dict(obj, what), dropped=lambda k: k.startswith("fc."))
+    return unwrapped_identity(inner_state_dict(obj, what), dropped=lambda k: k.startswith("fc."))
 
 
 FORMATS = (
