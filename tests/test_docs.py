@@ -221,6 +221,7 @@ GENERATED = {  # paths that commands write (not committed): the command the page
     "results/runs": "reproduce",  # the reproduction's run folders (docs/reproduction.md)
     "benchmarks/results/gpu_check.json": "gpu_check.py",  # written on a GPU machine
     "results/gpu_check.json": "gpu_check.py",
+    "results/table1_fashion_mnist_full_fp32": "name=full_fp32",  # every row in fp32, on request
 }
 
 
@@ -232,7 +233,7 @@ def _named_paths(page: Path) -> list[tuple[int, str]]:
 def _path_problem(page: Path, path: str, run_keys: set[str]) -> str | None:
     text = page.read_text(encoding="utf-8")
     for prefix, command in GENERATED.items():
-        if path == prefix or path.startswith(prefix + "/"):
+        if path == prefix or path.startswith((prefix + "/", prefix + ".")):
             if command not in text:
                 return f"{path}: made by a command ({command}) the page does not name"
             if prefix == "results/runs" and path != prefix:  # a run folder: one the reproduction records
@@ -243,6 +244,9 @@ def _path_problem(page: Path, path: str, run_keys: set[str]) -> str | None:
     for base in (ROOT, page.parent):
         if (base / path).exists():
             return None
+        if path.endswith(("_", "-")) or "." not in path.rsplit("/", 1)[-1]:  # a prefix or a stem (bench_*, .{md,json})
+            if any(base.glob(path + "*")):
+                return None
     return f"{path}: no such file in the repository"
 
 

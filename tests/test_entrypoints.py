@@ -73,4 +73,5 @@ def test_a_vit_teacher_whose_patch_does_not_divide_the_image_fails_in_one_line(t
     assert out.returncode != 0
     assert "data.image_size=16 is not a multiple of the patch size of teacher.arch=vit_small_patch14_dinov2" \
         in out.stderr
+    assert f"teacher.checkpoint={tmp_path}/t.pth: no such teacher checkpoint file" in out.stderr  # both at once
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) <= 3, out.stderr

@@ -268,15 +268,20 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks=()) -> pl.Tr
 def check_train_startup(cfg: DictConfig) -> None:
     """Everything about ``cfg`` that can fail before any data is read or any network is built (also used by
     ``cache_features``): mandatory keys, values, the accelerator, the teacher's file."""
-    check_missing_pieces(cfg)
-    validate_train(cfg)
+    try:
+        validate_train(cfg)
+        invalid = None
+    except ConfigError as e:
+        invalid = e
+    check_missing_pieces(cfg, invalid)
     check_accelerator(cfg.trainer)
 
 
-def check_missing_pieces(cfg: DictConfig) -> None:
+def check_missing_pieces(cfg: DictConfig, invalid: ConfigError | None = None) -> None:
     """Every piece the command still lacks, in one ``ConfigError``: the keys left at ``???``, the teacher's file
     (named or not there), the data folder (not there), each with where it comes from, and one complete example
-    command (the command line's own arguments plus the missing ones)."""
+    command (the command line's own arguments plus the missing ones); ``invalid``, the value check's error, is
+    reported with them (or alone)."""
     t = cfg.teacher
     pieces: list[str] = []
     missing = set(OmegaConf.missing_keys(cfg))
@@ -303,14 +308,20 @@ def check_missing_pieces(cfg: DictConfig) -> None:
         hint = MANDATORY_HINTS.get(key, f"{key}=<value>")
         pieces.append(f"{key} ({hint})")
         fill[key] = hint.split("=", 1)[1] if "=" in hint else "<value>"
+    if invalid is not None and not (pieces and "teacher.checkpoint is required" in str(invalid)):
+        if not pieces:
+            raise invalid
+        pieces.append(str(invalid))
     if not pieces:
         return
     if fill and not t.small_input and cfg.data.name != "imagefolder":  # an ImageNet teacher on the embedded data
         pieces.append(f"the data (data={cfg.data.name} is the embedded demo data; the {t.name} teacher is an "
                       f"ImageNet network: the paper's setting is data=imagenet data.root=<folder>)")
         fill.update({"data": "imagenet", "data.root": "/path/to/imagenet"})
-    if len(pieces) == 1 and not fill:  # one file that is not there: the plain message
-        raise ConfigError(pieces[0].split(" (docs/")[0])
+    if not fill:  # files that are not there, values to fix: the plain messages
+        if len(pieces) == 1:
+            raise ConfigError(pieces[0].split(" (docs/")[0])
+        raise ConfigError(f"{len(pieces)} problems: " + "; ".join(pieces))
     args = [a for a in (_run_overrides() or []) if a.split("=", 1)[0] not in fill]
     example = " ".join(["python -m compress_lit.train", *args, *(f"{k}={v}" for k, v in fill.items())])
     raise ConfigError(f"{len(pieces)} missing: " + "; ".join(pieces) + f". A complete command: {example}")
