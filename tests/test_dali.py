@@ -562,3 +562,23 @@ def test_disco_trains_on_two_mocov2_views_through_dali(tmp_path, tree):
     _, losses, steps, out = _train(tmp_path, tree, "method=disco", "data.augment=mocov2", "method.disco_hidden_dim=32",
                                    "perf.channels_last=true", "optim.epochs=1", "eval.at_end=false")
     assert list(losses) == [0] and np.isfinite(losses[0]) and steps == [0, 1, 2]
+
+
+@needs_dali
+@pytest.mark.parametrize("train,augment,views", [(True, "crop_flip", 1), (True, "mocov2", 2), (False, "crop_flip", 1)])
+def test_the_gpu_graphs_are_well_formed(train, augment, views):
+    """The graphs with mixed (GPU) decoding, defined without a GPU: every operator placed on a device DALI accepts
+    (GPU data never feeds a CPU-only argument). Building needs a GPU: benchmarks/gpu_check.py runs them there."""
+    import nvidia.dali as dali
+
+    from compress_lit.data import dali_pipelines as dp
+
+    spec = DaliSpec(64, 72, (0.08, 1.0), True, augment, 0.0, (0.5,) * 3, (0.25,) * 3, views, True)
+    graph = dp.train_graph if train else dp.eval_graph
+    pipe = dali.pipeline_def(graph, enable_conditionals=train)(
+        files=["a.jpg"] * 4, indices=list(range(4)), spec=spec, decode_device="mixed", batch_size=4, num_threads=1,
+        device_id=None, seed=1)
+    pipe._build_graph()  # the Python graph only (DALI's own step before the backend is built)
+    devices = [op._op.device for op in pipe._ops]
+    assert "mixed" in devices and "gpu" in devices
+    assert [e.device for e in pipe._graph_outputs] == ["gpu"] * views + ["cpu"]  # images on the GPU, indices host
