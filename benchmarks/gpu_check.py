@@ -24,8 +24,9 @@ One prepared script, sized to finish in about 5 minutes on one H100 (most of it 
 (d), (e) **The input pipeline** (``gpu_check_input.py``): images/s of ``data.loader=dali``'s training pipeline
     decoding on the GPU (1 and 2 views), and the end-to-end training images/s of
     ``experiment=paper/mocov2_r50_to_resnet18`` at global batch 256 in bf16 with each loader (torch workers, DALI)
-    and each teacher (online, cached), with the GPU utilisation and the busy CPU cores. ``--skip-input`` leaves
-    them out; with them the check takes about 7 minutes on one H100 (the time of a single 8-minute call).
+    and each teacher (online, cached), with the GPU utilisation and the busy CPU cores: 4 training runs of 30 steps
+    and a short DALI run, added to the 5 minutes of (a)-(c) so that the whole check fits one 8-minute call (not yet
+    timed on a GPU). ``--skip-input`` leaves them out, ``--only-input`` runs them alone (two calls if needed).
 
 Writes the JSON to ``--out`` (default ``benchmarks/results/gpu_check.json``) and a markdown table next to it
 (same name, ``.md``). ``--smoke`` runs every code path that can run on a CPU at tiny sizes (32 px, small queue,
