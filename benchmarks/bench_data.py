@@ -1,4 +1,4 @@
-"""Benchmark of the ImageFolder input pipeline: images/s of one loader worker, PIL vs torchvision.io decoding.
+"""Benchmark of the ImageFolder input pipeline: images/s of one loader worker, PIL vs torchvision.io vs DALI (CPU).
 
 Generates ``--images`` JPEGs of 500 x 375 (ImageNet's most common size; smooth colour fields plus texture and
 noise, quality 90, about the size of an ImageNet JPEG) in a temporary ImageFolder tree (``train/`` and ``val/``,

@@ -131,6 +131,25 @@ def test_dali_missing_or_misconfigured_is_one_config_error(monkeypatch):
     validate_train(_train_cfg(*base, "teacher.cached=true"))  # the paper's cache (centre crop): fine
 
 
+def test_evaluating_a_dali_checkpoint_without_dali_falls_back_to_the_torch_loader(monkeypatch, caplog):
+    """A student trained with data.loader=dali records it; evaluate / linear / export on a machine without DALI
+    use the torch loader (saying so); asking for data.loader=dali there is one ConfigError."""
+    import compress_lit.data.dali_loader as dl
+    from compress_lit.evaluation.loading import resolve_data_config
+
+    monkeypatch.setattr(dl, "dali_problem", lambda: "NVIDIA DALI cannot be imported (ModuleNotFoundError)")
+    recorded = {"name": "imagefolder", "root": "/data/imagenet", "loader": "dali"}
+    with caplog.at_level("WARNING"):
+        assert resolve_data_config(recorded, None).loader == "torch"
+    assert "evaluating with data.loader=torch" in caplog.text
+    with pytest.raises(ConfigError, match=r"^data\.loader=dali: NVIDIA DALI cannot be imported"):
+        resolve_data_config(recorded, {"loader": "dali"})
+    with pytest.raises(ConfigError, match=r"^data\.loader=dali reads image folders"):
+        resolve_data_config({"name": "digits"}, {"loader": "dali"})
+    monkeypatch.setattr(dl, "dali_problem", lambda: None)
+    assert resolve_data_config(recorded, None).loader == "dali"  # with DALI here, the checkpoint's loader
+
+
 def test_nothing_outside_the_dali_modules_imports_dali():
     """``nvidia.dali`` is imported lazily, inside functions of the two DALI modules only."""
     allowed = {SRC / "data" / "dali_loader.py", SRC / "data" / "dali_pipelines.py"}

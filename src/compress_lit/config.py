@@ -310,25 +310,26 @@ def _one_of(cfg: DictConfig, key: str, choices) -> None:
         raise ConfigError(f"{key}={v!r} is invalid: choose one of {list(choices)}")
 
 
-def _validate_loader(cfg: DictConfig) -> None:
-    """``data.loader``: torch, or dali for image folders of RGB images with DALI importable."""
-    loader = OmegaConf.select(cfg, "data.loader", default="torch")
+def validate_loader(data: Any) -> None:
+    """``data.loader`` of a data config node: torch, or dali for image folders of RGB images with DALI importable
+    (also checked where evaluation entry points take the data config a checkpoint recorded)."""
+    loader = OmegaConf.select(data, "loader", default="torch") if isinstance(data, DictConfig) else \
+        getattr(data, "loader", "torch")
     if loader not in ("torch", "dali"):
         raise ConfigError(f"data.loader={loader!r} is invalid: choose one of ['torch', 'dali']")
     if loader != "dali":
         return
-    name = cfg.data.name
-    if name != "imagefolder":
+    if data.name != "imagefolder":
         raise ConfigError(f"data.loader=dali reads image folders (data.name=imagefolder: data=imagenet, "
-                          f"data=places205), not data.name={name}: use data.loader=torch")
-    if cfg.data.in_channels != 3:
-        raise ConfigError(f"data.loader=dali decodes RGB images: data.in_channels={cfg.data.in_channels} needs "
+                          f"data=places205), not data.name={data.name}: use data.loader=torch")
+    if data.in_channels != 3:
+        raise ConfigError(f"data.loader=dali decodes RGB images: data.in_channels={data.in_channels} needs "
                           f"data.loader=torch")
     from .data.dali_loader import dali_problem  # imports DALI only to check it
 
     problem = dali_problem()
     if problem:
-        raise ConfigError(f"data.loader=dali: {problem}")
+        raise ConfigError(f"data.loader=dali: {problem} (or set data.loader=torch)")
 
 
 def _validate_common(cfg: DictConfig) -> None:
@@ -342,7 +343,7 @@ def _validate_common(cfg: DictConfig) -> None:
     decoder = OmegaConf.select(cfg, "data.decoder", default="pil")
     if decoder not in ("pil", "torchvision"):
         raise ConfigError(f"data.decoder={decoder!r} is invalid: choose one of ['pil', 'torchvision']")
-    _validate_loader(cfg)
+    validate_loader(cfg.data)
     augment = OmegaConf.select(cfg, "data.augment", default="crop_flip")
     if augment not in ("crop_flip", "mocov2"):
         raise ConfigError(f"data.augment={augment!r} is invalid: choose one of ['crop_flip', 'mocov2']")
