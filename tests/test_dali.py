@@ -386,6 +386,17 @@ def test_a_corrupt_or_truncated_file_is_named_as_the_torch_loader_names_it(tmp_p
         list(dm.val_dataloader())
     with pytest.raises(DatasetError, match=re.escape(str(truncated))):
         list(torch_dm.val_dataloader())  # what the torch loader does with it
+    # a file DALI cannot decode although PIL can (PIL stood in for here): named, with DALI's reason and the way out
+    loader = dm.val_dataloader()
+    loader.dataset.load_image = lambda i: None
+    with pytest.raises(DatasetError, match=rf"^DALI cannot decode {re.escape(str(truncated))}, which PIL reads "
+                                           r"\(.+\): convert the file to JPEG or PNG, or use data.loader=torch$"):
+        list(loader)
+    # the feature caches of the evaluation tell DALI's pixels from the torch loader's
+    from compress_lit.evaluation.features import describe_loader
+
+    assert describe_loader(loader)["loader"].startswith("dali:eval:")
+    assert "loader" not in describe_loader(torch_dm.val_dataloader())
 
 
 # ---------------------------------------------------------------------------------------------- MoCo v2 rates

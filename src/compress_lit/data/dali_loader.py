@@ -57,6 +57,12 @@ def pipeline_seed(seed: int, epoch: int, rank: int) -> int:
         & 0x7FFFFFFF
 
 
+def _reason(message: str) -> str:
+    """The informative end of a DALI error message (after its operator traceback)."""
+    tail = message.split("encountered:")[-1]
+    return tail.replace("Current pipeline object is no longer valid.", "").strip()[:300]
+
+
 class _EpochSampler:
     """``loader.sampler``: Lightning calls ``set_epoch`` on it at the start of every training epoch."""
 
@@ -196,12 +202,18 @@ class DaliLoader:
                 self.dataset.load_image(i)
             except DatasetError as bad:
                 return bad
-        named = [self.paths[i] for i in candidates if self.paths[i] in str(error)]
+        from .dali_pipelines import cpu_decode_error
+
         detail = " ".join(str(error).split())
-        where = (f"{named[0]}" if named else f"one of the {len(candidates)} files of batch {b} (e.g. "
-                                                 f"{self.paths[candidates[0]]})")
-        return DatasetError(f"DALI cannot decode {where}, which PIL reads ({detail[-400:]}): convert the file to "
-                            f"JPEG or PNG, or use data.loader=torch")
+        for i in candidates:  # the file DALI fails on alone (its batch message does not always name it)
+            alone = cpu_decode_error(self.paths[i])
+            if alone is not None:
+                return DatasetError(f"DALI cannot decode {self.paths[i]}, which PIL reads "
+                                    f"({_reason(alone)}): convert the file to JPEG or PNG, or use data.loader=torch")
+        paths = [self.paths[i] for i in candidates]
+        return DatasetError(f"DALI cannot decode one of {len(paths)} files ({', '.join(paths[:3])}, ...), which PIL "
+                            f"reads ({_reason(detail)}): use data.loader=torch, or find the file with "
+                            f"compress_lit.data.verify_images")
 
     def _to_torch(self, outputs, count: int):
         *views, index = outputs

@@ -228,3 +228,25 @@ def build_pipeline(files: Sequence[str], indices: Sequence[int], spec: DaliSpec,
         num_threads=max(1, int(num_threads)), device_id=device_id, seed=int(seed), prefetch_queue_depth=prefetch)
     pipe.build()
     return pipe
+
+
+def _decode_one(files: Sequence[str]):
+    import nvidia.dali.fn as fn
+
+    jpegs, _ = fn.readers.file(files=list(files), random_shuffle=False)
+    return fn.decoders.image(jpegs, **_decoder_kwargs("cpu"))
+
+
+def cpu_decode_error(path: str) -> str | None:
+    """DALI's error decoding ``path`` alone on the CPU, or ``None`` when it decodes (finds the file of a failed
+    batch: DALI's own message does not always name it)."""
+    import nvidia.dali as dali
+
+    try:
+        pipe = dali.pipeline_def(_decode_one)(files=[path], batch_size=1, num_threads=1, device_id=None,
+                                              prefetch_queue_depth=1)
+        pipe.build()
+        pipe.run()
+    except RuntimeError as e:
+        return " ".join(str(e).split())
+    return None
