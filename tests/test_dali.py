@@ -492,6 +492,18 @@ def test_resume_mid_epoch_continues_with_the_images_not_yet_seen(tree):
     assert done + [b[2].tolist() for b in resumed] == reference  # the rest of the epoch, in its order
     resumed.sampler.set_epoch(2)
     assert len(list(resumed)) == len(resumed)  # the next epoch is whole again
+    # an epoch's augmentations depend on (seed, epoch, rank) only, not on the epochs before or the thread count:
+    # a resume from an end-of-epoch checkpoint gives the uninterrupted run's pixels
+    mocov2 = DaliSpec.from_config(data_cfg(tree, augment="mocov2"), views=2)
+    ran_before = DaliLoader(ds, mocov2, train=True, batch_size=4, seed=3, num_threads=1)
+    for epoch in (0, 1):
+        ran_before.sampler.set_epoch(epoch)
+        after = [b[0] for b in ran_before]
+    fresh = DaliLoader(ds, mocov2, train=True, batch_size=4, seed=3, num_threads=2)
+    fresh.sampler.set_epoch(1)
+    again = [b[0] for b in fresh]
+    assert len(again) == len(after) == len(fresh)
+    assert all(torch.equal(u, v) for a, b in zip(after, again) for u, v in zip(a, b))
     # an end-of-epoch position leaves the next epoch whole; another world size restarts the epoch
     for saved in ({**state, "batches": len(full)}, {**state, "world_size": 2}):
         again = DaliLoader(ds, spec, train=True, batch_size=4, seed=3)
