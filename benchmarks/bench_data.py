@@ -275,7 +275,8 @@ def main(argv=None) -> dict:
           f"GPU ({per_node:,.0f} images/s): ceil({per_node:,.0f} / images per CPU second)")
     for label, row in node.items():
         print(f"  {label:<42} " + ", ".join(
-            f"{v.replace('_', ' ')}: {r['cores']} cores ({r['images_per_cpu_s']:.0f} img/CPU-s)" for v, r in row.items()))
+            f"{v.replace('_', ' ')}: {r['cores']} cores ({r['images_per_cpu_s']:.0f} img/CPU-s)"
+            for v, r in row.items()))
     print(f"  {'DALI, GPU decoding (device=mixed)':<42} measured on a GPU by benchmarks/gpu_check.py")
     result = {
         "environment": env,

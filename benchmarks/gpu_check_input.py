@@ -316,7 +316,8 @@ def markdown(inp: dict) -> list[str]:
     else:
         lines.append(f"DALI training pipeline alone: {d}")
     lines += ["", "End-to-end training (the experiment, bf16, channels_last, one GPU):", "",
-              "| data.loader | teacher | images/s | ms/step | GPU util % | busy CPU cores |", "|---|---|---|---|---|---|"]
+              "| data.loader | teacher | images/s | ms/step | GPU util % | busy CPU cores |",
+              "|---|---|---|---|---|---|"]
     for r in inp.get("training", []):
         if "error" in r:
             lines.append(f"| {r['loader']} | {r['teacher']} | error: {r['error'][:120].replace('|', '/')} | | | |")
