@@ -21,6 +21,12 @@ One prepared script, sized to finish in about 5 minutes on one H100 (most of it 
     ``torch.utils.flop_counter.FlopCounterMode``; the same model FLOPs for both) are reported.
 
 (c) **Host synchronisations** per training step of ``CompReSS`` (``torch.cuda.set_sync_debug_mode``; target 0).
+(d), (e) **The input pipeline** (``gpu_check_input.py``): images/s of ``data.loader=dali``'s training pipeline
+    decoding on the GPU (1 and 2 views), and the end-to-end training images/s of
+    ``experiment=paper/mocov2_r50_to_resnet18`` at global batch 256 in bf16 with each loader (torch workers, DALI)
+    and each teacher (online, cached), with the GPU utilisation and the busy CPU cores: 4 training runs of 30 steps
+    and a short DALI run, added to the 5 minutes of (a)-(c) so that the whole check fits one 8-minute call (not yet
+    timed on a GPU). ``--skip-input`` leaves them out, ``--only-input`` runs them alone (two calls if needed).
 
 Writes the JSON to ``--out`` (default ``benchmarks/results/gpu_check.json``) and a markdown table next to it
 (same name, ``.md``). ``--smoke`` runs every code path that can run on a CPU at tiny sizes (32 px, small queue,
@@ -411,10 +417,18 @@ def count_host_syncs(cfg: dict, device: torch.device, steps: int = 3) -> dict:
 
 # ------------------------------------------------------------------------------------------------------------
 def markdown(result: dict) -> str:
-    c, t, cfg = result["correctness"], result["throughput"], result["config"]
     env = result["environment"]
-    lines = [f"### GPU check ({env.get('gpu', env['device'])}, torch {env['torch']}"
-             f"{', SMOKE (CPU, tiny sizes)' if result['smoke'] else ''})", "",
+    head = [f"### GPU check ({env.get('gpu', env['device'])}, torch {env['torch']}"
+            f"{', SMOKE (CPU, tiny sizes)' if result['smoke'] else ''})", ""]
+    input_lines = []
+    if "input" in result:
+        from gpu_check_input import markdown as input_markdown
+
+        input_lines = input_markdown(result["input"])
+    if "correctness" not in result:
+        return "\n".join(head + input_lines) + "\n"
+    c, t, cfg = result["correctness"], result["throughput"], result["config"]
+    lines = [*head,
              f"Teacher ResNet-50 → student ResNet-18, {cfg['px']} px, batch {cfg['batch']}, queue {cfg['queue']}, "
              f"{cfg['steps']} timed steps after {cfg['warmup']} warm-up (medians).", "",
              "| check | value | bound | ok |", "|---|---|---|---|",
@@ -443,7 +457,7 @@ def markdown(result: dict) -> str:
         n = hs.get("syncs_per_step")
         lines += ["", f"Host synchronisations per training step (torch.cuda.set_sync_debug_mode): "
                       f"{'n/a (' + hs.get('note', '') + ')' if n is None else f'{n:g} (target 0)'}"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + input_lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -457,6 +471,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                     help="torch.compile the student in (ii): auto = on (inductor on GPU, eager backend in --smoke)")
     ap.add_argument("--allow-cpu", action="store_true", help="run the full sizes without a GPU (very slow)")
+    ap.add_argument("--skip-input", action="store_true", help="leave out (d) and (e), the input pipeline checks")
+    ap.add_argument("--only-input", action="store_true", help="run (d) and (e) only (e.g. a second short call)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch (default: 1 in --smoke, so that a busy shared machine cannot slow "
                          "it down 30x through contended OpenMP barriers; torch's default otherwise)")
@@ -481,24 +497,34 @@ def main(argv=None) -> int:
     env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     env["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
     log(f"device {device} ({env.get('gpu', env['cpu'])}), torch {env['torch']}, smoke={a.smoke}")
-    log("(a) bf16 autocast vs fp32 loss ...")
-    correctness = check_correctness(cfg, device)
-    log(f"    rel. error {correctness['rel_err']:.2e} (bound {BF16_REL_BOUND}); loss fn alone "
-        f"{correctness['loss_fn_only_rel_err']:.2e}; grad {correctness['grad_rel_err']:.2e}")
-    log("(c) host synchronisations per training step ...")
-    host_syncs = count_host_syncs(cfg, device)
-    log(f"    {host_syncs}")
-    tp = throughput(cfg, device, backend)
+    result = {"environment": env, "smoke": a.smoke, "config": cfg}
+    if not a.only_input:
+        log("(a) bf16 autocast vs fp32 loss ...")
+        correctness = check_correctness(cfg, device)
+        log(f"    rel. error {correctness['rel_err']:.2e} (bound {BF16_REL_BOUND}); loss fn alone "
+            f"{correctness['loss_fn_only_rel_err']:.2e}; grad {correctness['grad_rel_err']:.2e}")
+        log("(c) host synchronisations per training step ...")
+        host_syncs = count_host_syncs(cfg, device)
+        log(f"    {host_syncs}")
+        tp = throughput(cfg, device, backend)
+        result.update(correctness=correctness, throughput=tp, host_syncs=host_syncs)
+    if not a.skip_input:
+        import tempfile
+
+        from gpu_check_input import FULL_INPUT, SMOKE_INPUT, input_checks
+
+        size = dict(SMOKE_INPUT if a.smoke else FULL_INPUT)
+        with tempfile.TemporaryDirectory(prefix="gpu_check_input_") as work:
+            result["input"] = {"config": size, **input_checks(size, device, Path(work), log)}
     env["loadavg_end"] = os.getloadavg()
-    result = {"environment": env, "smoke": a.smoke, "config": cfg, "correctness": correctness, "throughput": tp,
-              "host_syncs": host_syncs, "wall_s": time.perf_counter() - t_start}
+    result["wall_s"] = time.perf_counter() - t_start
     md = markdown(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(md)
     print("\n" + md)
     log(f"total {result['wall_s']:.0f} s; saved {out} and {out.with_suffix('.md')}")
-    if not correctness["passed"]:
+    if "correctness" in result and not result["correctness"]["passed"]:
         log(f"FAILED: bf16 relative error above the bound {BF16_REL_BOUND}")
         return 1
     return 0

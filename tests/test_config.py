@@ -62,6 +62,7 @@ def test_every_method_has_a_config_and_every_config_is_a_method():
     ("logger.mode=sometimes", "logger.mode"),
     ("optim.milestones=[120,90]", "optim.milestones"),
     ("method.one_queue=true", "method.one_queue"),
+    ("data.loader=gpu", "data.loader"),
 ])
 def test_bad_values_fail_naming_the_key(override, key):
     cfg = train_cfg(override)

@@ -114,6 +114,10 @@ class DataConfig:
     # image folders: pil (Image.open) | torchvision (torchvision.io.decode_image + the transforms on uint8 tensors:
     # the same pixels, ~1.4x the images/s per loader worker; benchmarks/README.md, "Input pipeline")
     decoder: str = "pil"
+    # torch: torch DataLoader workers (data.decoder, data/transforms.py) | dali: NVIDIA DALI decodes and augments
+    # image folders on the training GPU (the CPU without one); data.num_workers is its CPU threads; the extra [dali]
+    # (data/dali_loader.py, docs/scale.md)
+    loader: str = "torch"
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     train_subset: Optional[int] = None  # use only the first N training images (seeded permutation)
@@ -325,6 +329,28 @@ def _check_precision(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.precision={trainer.precision!r} is invalid: choose one of {list(PRECISIONS)}")
 
 
+def validate_loader(data: Any) -> None:
+    """``data.loader`` of a data config node: torch, or dali for image folders of RGB images with DALI importable
+    (also checked where evaluation entry points take the data config a checkpoint recorded)."""
+    loader = OmegaConf.select(data, "loader", default="torch") if isinstance(data, DictConfig) else \
+        getattr(data, "loader", "torch")
+    if loader not in ("torch", "dali"):
+        raise ConfigError(f"data.loader={loader!r} is invalid: choose one of ['torch', 'dali']")
+    if loader != "dali":
+        return
+    if data.name != "imagefolder":
+        raise ConfigError(f"data.loader=dali reads image folders (data.name=imagefolder: data=imagenet, "
+                          f"data=places205), not data.name={data.name}: use data.loader=torch")
+    if data.in_channels != 3:
+        raise ConfigError(f"data.loader=dali decodes RGB images: data.in_channels={data.in_channels} needs "
+                          f"data.loader=torch")
+    from .data.dali_loader import dali_problem  # imports DALI only to check it
+
+    problem = dali_problem()
+    if problem:
+        raise ConfigError(f"data.loader=dali: {problem} (or set data.loader=torch)")
+
+
 def _validate_common(cfg: DictConfig) -> None:
     from .models import ARCHITECTURES, option_problems
 
@@ -336,6 +362,7 @@ def _validate_common(cfg: DictConfig) -> None:
     decoder = OmegaConf.select(cfg, "data.decoder", default="pil")
     if decoder not in ("pil", "torchvision"):
         raise ConfigError(f"data.decoder={decoder!r} is invalid: choose one of ['pil', 'torchvision']")
+    validate_loader(cfg.data)
     augment = OmegaConf.select(cfg, "data.augment", default="crop_flip")
     if augment not in ("crop_flip", "mocov2"):
         raise ConfigError(f"data.augment={augment!r} is invalid: choose one of ['crop_flip', 'mocov2']")
@@ -506,6 +533,12 @@ def validate_train(cfg: DictConfig) -> None:
         raise ConfigError(f"teacher.checkpoint is required for teacher.format={cfg.teacher.format!r}")
     if cfg.method.one_queue and cfg.method.use_momentum_encoder:
         raise ConfigError("method.one_queue=true uses no student queue: set method.use_momentum_encoder=false")
+    if (OmegaConf.select(cfg, "data.loader", default="torch") == "dali"
+            and OmegaConf.select(cfg, "teacher.cached", default=False)
+            and (OmegaConf.select(cfg, "teacher.cache_views", default=1) or 1) > 1):
+        raise ConfigError(f"teacher.cache_views={cfg.teacher.cache_views} shows the student the cached teacher's own "
+                          "augmented views, which data.loader=dali does not make: use teacher.cache_views=1 (the "
+                          "centre crop, as the paper) or data.loader=torch")
     if cfg.method.name == "disco" and OmegaConf.select(cfg, "teacher.cached", default=False):
         raise ConfigError("method=disco runs the teacher on both augmented views of each image: it does not support "
                           "teacher.cached=true")

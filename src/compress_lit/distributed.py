@@ -12,10 +12,18 @@
   rate is ``optim.lr`` as configured unless ``optim.lr_scaling=linear`` asks for ``optim.lr x global batch /
   optim.lr_reference_batch``; either way the start-up line states the per-process batch, the global batch and the
   learning rate.
+* Gathers (:func:`all_gather_cat`) use ``torch.distributed.all_gather_into_tensor``, not the deprecated functional
+  ``torch.distributed.nn.functional.all_gather`` that ``LightningModule.all_gather`` calls (and warns about at every
+  step). What is gathered is keys, indices and scores, never something a gradient flows through.
+* ``broadcast_buffers=False`` is kept although torch now warns that the argument is deprecated: its replacement
+  (``forward_sync_buffers=False``) still broadcasts the buffers once at start-up, and torch's own message says to keep
+  ``broadcast_buffers=False`` until ``init_sync_buffers`` exists. :class:`QuietDDPStrategy` silences exactly that one
+  warning; ``tests/test_ddp.py`` counts the bytes of every collective and fails if a buffer is ever broadcast.
 """
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +31,34 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+# torch's FutureWarning for DistributedDataParallel(broadcast_buffers=...), which it says to keep using for now
+BROADCAST_BUFFERS_WARNING = r"`broadcast_buffers` is deprecated\. Use `forward_sync_buffers` instead"
+
+
+def _quiet_strategy_class():
+    from pytorch_lightning.strategies import DDPStrategy
+
+    class QuietDDPStrategy(DDPStrategy):
+        """Lightning's DDP strategy, with torch's deprecation warning for ``broadcast_buffers`` silenced where the
+        model is wrapped (the only place it is raised); every other warning passes."""
+
+        def _setup_model(self, model):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=BROADCAST_BUFFERS_WARNING, category=FutureWarning)
+                return super()._setup_model(model)
+
+    QuietDDPStrategy.__qualname__ = "QuietDDPStrategy"
+    return QuietDDPStrategy
+
+
+def __getattr__(name: str):
+    if name == "QuietDDPStrategy":  # built on first use: importing this module does not import Lightning
+        if name not in globals():
+            globals()[name] = _quiet_strategy_class()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def ddp_strategy(name: str, **kwargs):
@@ -33,7 +69,21 @@ def ddp_strategy(name: str, **kwargs):
     entry = StrategyRegistry[name]
     if not issubclass(entry["strategy"], DDPStrategy):
         raise ValueError(f"{name!r} is not a DDP strategy")
-    return DDPStrategy(**{**entry["init_params"], "broadcast_buffers": False, **kwargs})
+    cls = __getattr__("QuietDDPStrategy") if entry["strategy"] is DDPStrategy else entry["strategy"]
+    return cls(**{**entry["init_params"], "broadcast_buffers": False, **kwargs})
+
+
+def all_gather_cat(t: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+    """``t`` from every process concatenated along dim 0 in rank order (``t`` itself without an initialised process
+    group of more than one process). No gradient flows through it (as ``LightningModule.all_gather``'s default)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.detach().contiguous()
+    out = t.new_empty((dist.get_world_size() * t.shape[0], *t.shape[1:]))
+    dist.all_gather_into_tensor(out, t)
+    return out
 
 
 def is_ddp_name(strategy) -> bool:

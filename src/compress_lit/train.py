@@ -362,7 +362,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
         check_writable(cfg.cache_dir, "the cache directory (cache_dir)", cfg.safety.min_free_gb)
     pl.seed_everything(cfg.seed, workers=True)
     logger, history, trainer = build_run(cfg, run_dir, resume.history)
-    dm = build_datamodule(cfg.data, views=METHOD_VIEWS.get(cfg.method.name, 1))
+    dm = build_datamodule(cfg.data, views=METHOD_VIEWS.get(cfg.method.name, 1),
+                          channels_last=cfg.perf.channels_last)
     dm.setup("fit")
     warn_queue_vs_data(cfg, dm.num_train)
     if cfg.teacher.cached:  # no teacher network: its features are looked up by dataset index

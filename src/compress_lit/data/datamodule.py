@@ -10,6 +10,11 @@
 
 Under DDP Lightning replaces the samplers of the train/val loaders with a DistributedSampler itself, and
 ``data.batch_size`` is the global batch: each process loads ``data.batch_size / world size`` images.
+
+``data.loader=dali`` (image folders): every loader above is a :class:`~.dali_loader.DaliLoader` over the same
+resolved samples, decoding on the training GPU (or the CPU without one); the training loader shards itself by
+global rank with the distributed sampler's rule (:mod:`.epoch_order`). ``channels_last``: its batches come with
+channels-last strides (``perf.channels_last``). :mod:`.dali_loader` is imported only then.
 """
 from __future__ import annotations
 
@@ -33,12 +38,14 @@ class CompressDataModule(pl.LightningDataModule):
     ``num_classes`` etc. can be read before a Trainer exists. Every dataset yields ``(image, label, index)``.
     """
 
-    def __init__(self, cfg: Any, views: int = 1):
+    def __init__(self, cfg: Any, views: int = 1, channels_last: bool = False):
         super().__init__()
         if views < 1:
             raise ValueError(f"views must be >= 1, got {views}")
         self.cfg = cfg
         self.views = int(views)
+        self.channels_last = bool(channels_last)  # DALI batches with channels-last strides
+        self.loader = str(getattr(cfg, "loader", "torch") or "torch")  # torch | dali
         self._train = None  # training transform
         self._train_eval = None  # evaluation transform on the train split
         self._val = None
@@ -121,6 +128,36 @@ class CompressDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
 
+    def _global_rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
+
+    def _cuda_device(self) -> Optional[int]:
+        """The CUDA device this process trains on (DALI decodes there), or ``None`` (CPU)."""
+        if not torch.cuda.is_available():
+            return None
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return torch.cuda.current_device()
+        from pytorch_lightning.accelerators import CUDAAccelerator
+
+        if not isinstance(trainer.accelerator, CUDAAccelerator):
+            return None
+        return trainer.strategy.root_device.index
+
+    def _dali(self, dataset, batch_size: int, train: bool):
+        from .dali_loader import DaliLoader
+        from .dali_pipelines import DaliSpec
+
+        if train and self._train_wrapper is not None:
+            raise DatasetError("data.loader=dali cannot show the student the cached teacher's augmented views "
+                               "(teacher.cache_views > 1): use data.loader=torch or teacher.cache_views=1")
+        spec = DaliSpec.from_config(self.cfg, views=self.views if train else 1, channels_last=self.channels_last)
+        world, rank = (self._world_size(), self._global_rank()) if train else (1, 0)
+        return DaliLoader(dataset, spec, train=train, batch_size=batch_size,
+                          num_threads=max(1, cap_num_workers(self.cfg.num_workers)), device_id=self._cuda_device(),
+                          rank=rank, world_size=world)
+
     def _pin_memory(self) -> bool:
         if not torch.cuda.is_available():
             return False
@@ -132,6 +169,8 @@ class CompressDataModule(pl.LightningDataModule):
         return isinstance(trainer.accelerator, CUDAAccelerator)
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool, persistent: bool) -> DataLoader:
+        if self.loader == "dali":  # the training loader (shuffle) or an evaluation one
+            return self._dali(dataset, batch_size, train=shuffle)
         workers = cap_num_workers(self.cfg.num_workers)  # at most the CPUs available (logged once)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                           num_workers=workers, persistent_workers=persistent and workers > 0,
@@ -173,6 +212,7 @@ def bank_loader(dm) -> DataLoader:
     return fn() if fn is not None else dm.train_eval_dataloader()
 
 
-def build_datamodule(cfg: Any, views: int = 1) -> CompressDataModule:
-    """A :class:`CompressDataModule` for the data config ``cfg``; ``views > 1`` gives MultiView training batches."""
-    return CompressDataModule(cfg, views=views)
+def build_datamodule(cfg: Any, views: int = 1, channels_last: bool = False) -> CompressDataModule:
+    """A :class:`CompressDataModule` for the data config ``cfg``; ``views > 1`` gives MultiView training batches;
+    ``channels_last``: DALI's batches come with channels-last strides (``perf.channels_last``)."""
+    return CompressDataModule(cfg, views=views, channels_last=channels_last)

@@ -170,8 +170,12 @@ def describe_loader(loader) -> dict[str, Any]:
     base = ds
     while base is not None and not hasattr(base, "transform") and hasattr(base, "dataset"):
         base = base.dataset  # torch Subset
-    return {"transform": repr(getattr(base, "transform", None)), "n": len(ds) if ds is not None else None,
-            "dataset": type(base).__name__ if base is not None else None}
+    out = {"transform": repr(getattr(base, "transform", None)), "n": len(ds) if ds is not None else None,
+           "dataset": type(base).__name__ if base is not None else None}
+    describe = getattr(loader, "describe", None)  # data.loader=dali: its own pipeline makes the pixels
+    if callable(describe):
+        out["loader"] = describe()
+    return out
 
 
 def checkpoint_identity(path: str | os.PathLike | None) -> str:

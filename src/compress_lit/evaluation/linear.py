@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.datamodule import bank_loader
+from ..distributed import all_gather_cat
 from ..schedule import LRSchedule
 from .features import layers_fn, merge_shards
 from .settings import LinearProbeConfig
@@ -290,8 +291,8 @@ class LinearProbe(pl.LightningModule):
         self._val = []
         if self.trainer.world_size > 1:  # every process scored its shard: gather, drop the sampler's padding
             shape = hits.shape[1:]
-            idx = self.all_gather(idx).reshape(-1)
-            hits = self.all_gather(hits).reshape(-1, *shape)
+            idx = all_gather_cat(idx).reshape(-1)
+            hits = all_gather_cat(hits).reshape(-1, *shape)
             hits, _ = merge_shards(hits, idx, idx)
         acc = 100.0 * hits.mean(0)  # layers x 2
         for i, name in enumerate(self.layers):

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..config import ConfigError, DataConfig
+from ..config import ConfigError, DataConfig, validate_loader
 from ..models import build_from_config, embedding_layer
 from ..safety import load_torch_file
 
@@ -117,6 +117,14 @@ def resolve_data_config(checkpoint_data: Optional[Mapping], overrides: Any) -> D
     if OmegaConf.is_missing(cfg, "name"):
         raise ConfigError("no data config: pass data=<preset> (e.g. data=digits) or data.name=...; only "
                          "model_format=student checkpoints record the data they were trained on")
+    if cfg.loader == "dali" and not (over and over.get("loader")):  # recorded by the checkpoint, not asked for
+        try:
+            validate_loader(cfg)
+        except ConfigError as e:
+            log.warning("%s: the checkpoint's data.loader=dali is not usable here; "
+                        "evaluating with data.loader=torch", e)
+            cfg.loader = "torch"
+    validate_loader(cfg)  # asked for on the command line: one line naming the key when it cannot work
     return cfg
 
 

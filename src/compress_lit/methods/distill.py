@@ -26,6 +26,7 @@ from torch import nn
 from ..anchor_queue import AnchorQueue
 from ..nonfinite import LossWatch
 from ..config import ConfigError
+from ..distributed import all_gather_cat
 from ..resume import collect_rng_states, restore_rng_states
 from ..schedule import build_optimizer
 
@@ -68,7 +69,7 @@ class DistillationModule(pl.LightningModule):
         trainer = self._trainer
         if trainer is None or trainer.world_size == 1:
             return t
-        return self.all_gather(t.contiguous()).flatten(0, 1)
+        return all_gather_cat(t)  # torch.distributed.all_gather_into_tensor (distributed.py)
 
     def teacher_targets(self, x: torch.Tensor, index: torch.Tensor, view: torch.Tensor | None = None
                         ) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import all_gather_cat
 from ..momentum import ema_update, make_momentum_copy
 from ..anchor_queue import AnchorQueue
 from ..nonfinite import LossWatch
@@ -106,7 +107,7 @@ class MoCoV2(pl.LightningModule):
         """Concatenate ``t`` from every process in rank order (identity on one process)."""
         if self.world_size() == 1:
             return t
-        return self.all_gather(t.contiguous()).flatten(0, 1)
+        return all_gather_cat(t)  # torch.distributed.all_gather_into_tensor (distributed.py)
 
     def bn_groups(self, batch: int) -> int:
         """BatchNorm groups per device for a local batch of ``batch`` samples."""
