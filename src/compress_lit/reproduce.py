@@ -28,6 +28,7 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from .paths import config_dir
 from .precision import PRECISIONS, args_precision, bf16_slowdown_warning, command_precision
 from .run_records import recorded_precision, restore_progress, save_progress
 from .safety import load_torch_file
@@ -581,7 +582,7 @@ def teacher_model_args(cfg: DictConfig) -> list[str]:
     name = next((o.split("=", 1)[1] for o in cfg.teacher_overrides if o.startswith("teacher=")), None)
     if name is None:
         return []
-    t = OmegaConf.load(Path(CONF_DIR) / "teacher" / f"{name}.yaml")
+    t = OmegaConf.load(Path(config_dir()) / "teacher" / f"{name}.yaml")
     args = [f"model_format={t.format}", f"model.arch={t.arch}", f"model.name={t.name}"]
     args += [f"model.small_input={str(bool(t.get('small_input', False))).lower()}"]
     if t.get("width_multiplier") is not None:
