@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress_lit.config import ConfigError
+from compress_lit.runtime.config import ConfigError
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from compress_lit.export import ExportError, run_export
 from compress_lit.methods import CompReSS
 from compress_lit.models import build_backbone
-from compress_lit.teacher import FrozenTeacher
+from compress_lit.teachers import FrozenTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")

@@ -10,9 +10,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from compress_lit.config import ConfigError, validate_train
+from compress_lit.runtime.config import ConfigError, validate_train
 from compress_lit.data import build_datamodule
-from compress_lit.distributed import apply_batch_plan, per_process_batch, plan_batch
+from compress_lit.runtime.distributed import apply_batch_plan, per_process_batch, plan_batch
 from compress_lit.train import CONF_DIR, build_trainer, run_train
 
 

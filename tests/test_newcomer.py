@@ -19,7 +19,7 @@ import compress_lit.evaluate  # noqa: F401 - registers the evaluation schemas
 import compress_lit.export  # noqa: F401
 import compress_lit.reproduce  # noqa: F401
 from compress_lit import startup
-from compress_lit.config import ConfigError, register_configs, warn_queue_vs_data, warn_unused_settings
+from compress_lit.runtime.config import ConfigError, register_configs, warn_queue_vs_data, warn_unused_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -222,8 +222,8 @@ def _fake_run(run_dir: Path, config: dict, log_handler=False):
 
 
 def test_resume_auto_continues_in_the_original_run_directory(tmp_path):
-    from compress_lit.loggers import build_logger
-    from compress_lit.resume import prepare_resume
+    from compress_lit.runtime.loggers import build_logger
+    from compress_lit.runtime.resume import prepare_resume
 
     original, fresh = tmp_path / "outputs" / "train" / "d" / "t1", tmp_path / "outputs" / "train" / "d" / "t2"
     _fake_run(original, {"seed": 0, "resume": None})
@@ -274,7 +274,7 @@ def test_resume_auto_continues_in_the_original_run_directory(tmp_path):
 
 
 def test_resume_auto_without_an_earlier_run_starts_fresh_in_its_own_dir(tmp_path):
-    from compress_lit.resume import prepare_resume
+    from compress_lit.runtime.resume import prepare_resume
 
     fresh = tmp_path / "outputs" / "train" / "d" / "t2"
     _fake_run(fresh, {"seed": 0, "resume": "auto"})
@@ -377,7 +377,7 @@ def test_loader_workers_are_capped_at_the_cpus_once(monkeypatch, caplog):
 
 
 def test_wandb_offline_line_says_why():
-    from compress_lit.loggers import wandb_mode_message
+    from compress_lit.runtime.loggers import wandb_mode_message
 
     auto = wandb_mode_message("auto", "offline")
     assert auto.startswith("W&B runs offline: no W&B credentials were found") and "logger.mode" not in auto

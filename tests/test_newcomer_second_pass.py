@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from compress_lit.config import ConfigError, register_configs
+from compress_lit.runtime.config import ConfigError, register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -218,7 +218,7 @@ def test_hydra_errors_are_one_line_pointing_at_the_fix(tmp_path, arg, line):
 
 
 def test_a_quoted_value_with_equals_signs_reaches_the_run(tmp_path):
-    from compress_lit.startup import hydra_error_line  # noqa: F401 - the shaping is only for errors
+    from compress_lit.runtime.startup import hydra_error_line  # noqa: F401 - the shaping is only for errors
 
     proc = _cli("compress_lit.train", ["teacher.checkpoint='/nowhere/epoch=0-step=22.ckpt'",
                                        "teacher.format=compress_lit", "teacher.pretrain_if_missing=false"],

@@ -19,9 +19,9 @@ from hydra import compose, initialize_config_dir
 from compress_lit import precision as pr
 from compress_lit import reproduce as rp
 from compress_lit import startup
-from compress_lit.config import ConfigError, register_configs, validate_train
-from compress_lit.precision import CPUInfo
-from compress_lit.run_records import load_progress, recorded_precision
+from compress_lit.runtime.config import ConfigError, register_configs, validate_train
+from compress_lit.runtime.precision import CPUInfo
+from compress_lit.reproduction.records import load_progress, recorded_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -176,7 +176,7 @@ def test_the_slowdown_measurement_is_short_and_positive():
 def test_an_avx2_capped_process_resolves_auto_to_fp32_and_measures_emulated_bf16_as_slower():
     """Not mocked: a process whose oneDNN is capped at AVX2 (what an AVX2-only CPU runs) picks 32-true, and its
     start-up measurement finds bf16 autocast slower than fp32 there."""
-    code = ("from compress_lit.precision import choose_precision, measure_bf16_slowdown; "
+    code = ("from compress_lit.runtime.precision import choose_precision, measure_bf16_slowdown; "
             "print(choose_precision('auto', 'cpu').precision, measure_bf16_slowdown())")
     env = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, TensorDataset
 
 from compress_lit import report, reporting
-from compress_lit.config import register_configs
+from compress_lit.runtime.config import register_configs
 from compress_lit.train import build_trainer
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -204,8 +204,8 @@ def test_history_callback_then_end_of_run_without_a_logger(tmp_path):
 
 
 def test_results_reach_the_csv_logger(tmp_path):
-    from compress_lit.config import LoggerConfig
-    from compress_lit.loggers import build_logger
+    from compress_lit.runtime.config import LoggerConfig
+    from compress_lit.runtime.loggers import build_logger
     from omegaconf import OmegaConf
 
     logger = build_logger(OmegaConf.structured(LoggerConfig(name="csv")), tmp_path)

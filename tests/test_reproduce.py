@@ -112,7 +112,7 @@ def test_the_family_methods_are_rows_under_the_same_teacher_budget_and_seeds():
     DisCo (two views per image) runs the teacher itself."""
     from pathlib import Path
 
-    from compress_lit.precision import command_precision
+    from compress_lit.runtime.precision import command_precision
     from compress_lit.reproduce import METHOD_LABELS, step_command
 
     for name in ("full", "quick"):

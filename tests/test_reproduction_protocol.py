@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from compress_lit import reproduce as rp
-from compress_lit.config import DataConfig
+from compress_lit.runtime.config import DataConfig
 from compress_lit.data import DatasetError, build_datamodule
 from compress_lit.evaluation.pixels import RawPixels
 from compress_lit.models import build_backbone
@@ -108,7 +108,7 @@ def test_eval_full_train_1nn_equals_an_independent_one_on_the_whole_split():
 def test_holdout_is_a_start_up_error_when_not_positive():
     from hydra import compose, initialize_config_dir
 
-    from compress_lit.config import ConfigError, validate_train
+    from compress_lit.runtime.config import ConfigError, validate_train
     from compress_lit.train import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -296,7 +296,7 @@ def test_pixels_format_of_evaluate_equals_an_independent_numpy_evaluation(tmp_pa
     trn, ten = tr / np.linalg.norm(tr, axis=1, keepdims=True), te / np.linalg.norm(te, axis=1, keepdims=True)
     want = 100.0 * np.mean(ty[(ten @ trn.T).argmax(1)] == tey)
     assert res["knn"]["top1_k1"] == pytest.approx(want, abs=1e-6) and res["layer"] == "image"
-    from compress_lit.config import ConfigError
+    from compress_lit.runtime.config import ConfigError
     from compress_lit.evaluate import _check
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -306,7 +306,7 @@ def test_pixels_format_of_evaluate_equals_an_independent_numpy_evaluation(tmp_pa
 
 
 def test_teacher_bars_by_hand_on_both_probes():
-    from compress_lit.teacher_check import bars_lines, evaluate_row, teacher_bars
+    from compress_lit.reproduction.teacher_check import bars_lines, evaluate_row, teacher_bars
 
     row = evaluate_row({"knn": {"top1_k1": 86.0, "top5_k1": 99.0, "top1_k20": 85.0},
                         "cluster": {"acc_mean": 60.0, "acc_std": 2.0}, "linear": {"top1": 89.5}})
@@ -465,7 +465,7 @@ def test_parallel_steps_run_each_command_once_after_the_cache_is_built_alone(tmp
 
 
 def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch):
-    from compress_lit.config import ConfigError
+    from compress_lit.runtime.config import ConfigError
 
     cal = _preset("calibrate", out_dir=str(tmp_path))
     sup = [c.label for c in cal.candidates if c.method == "supervised"]
@@ -584,7 +584,7 @@ def test_supervised_classifier_accuracy_equals_a_direct_forward(tmp_path, train_
     assert got["num_val"] == len(ys) and got["top1"] == pytest.approx(want, abs=1e-9)
     torch.save({"state_dict": {k: v for k, v in state.items() if k.startswith("student.")},
                 "hyper_parameters": {"config": config}}, tmp_path / "no_head.ckpt")
-    from compress_lit.config import ConfigError
+    from compress_lit.runtime.config import ConfigError
 
     with pytest.raises(ConfigError, match="not a method=supervised run"):
         classifier_accuracy(tmp_path / "no_head.ckpt")

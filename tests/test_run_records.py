@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from compress_lit import reproduce as rp
-from compress_lit.config import ConfigError
-from compress_lit.run_records import load_progress, restore_progress, save_progress
+from compress_lit.runtime.config import ConfigError
+from compress_lit.reproduction.records import load_progress, restore_progress, save_progress
 
 
 def _finished(runs: Path, name: str, res: dict, **extra) -> Path:

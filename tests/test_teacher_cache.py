@@ -17,11 +17,11 @@ from hydra import compose, initialize_config_dir
 
 import compress_lit.train as train_mod
 from compress_lit.cache_features import compute_for_config, run_cache_features
-from compress_lit.config import register_configs
+from compress_lit.runtime.config import register_configs
 from compress_lit.data import build_datamodule
 from compress_lit.models import build_backbone
-from compress_lit.teacher import FrozenTeacher, build_teacher
-from compress_lit.teacher_cache import (FEATURES_FILE, CachedFeatures, SeededViews, TeacherCacheError,
+from compress_lit.teachers import FrozenTeacher, build_teacher
+from compress_lit.teachers.cache import (FEATURES_FILE, CachedFeatures, SeededViews, TeacherCacheError,
                                         cache_dataset, cache_meta, cache_path, cache_views, compute_shard,
                                         expected_meta, finalize_cache, open_cache, prepare_cache, read_meta,
                                         shard_range, view_seed)

@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import compress_lit.train as train_mod
 from compress_lit.cache_features import compute_for_config
-from compress_lit.config import register_configs
+from compress_lit.runtime.config import register_configs
 from compress_lit.data import build_datamodule
 from compress_lit.teachers import build_teacher
 from compress_lit.teachers.cache import FEATURES_FILE, cache_path, read_meta

@@ -20,7 +20,7 @@ something else instead of refusing).
 Devices come from the ``trainer`` group (accelerator, devices, num_nodes, strategy, precision) through Lightning
 Fabric: with several devices every process computes a contiguous shard of the indices into the shared file
 (``trainer=ddp``, or under ``torchrun``/SLURM); ``bf16-mixed`` runs the teacher under autocast, ``auto`` where the
-device computes bf16 natively (:mod:`compress_lit.precision`).
+device computes bf16 natively (:mod:`compress_lit.runtime.precision`).
 """
 from __future__ import annotations
 
@@ -32,14 +32,14 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import register_configs
+from .runtime.config import register_configs
 from .data import build_datamodule
 from .data.workers import cap_num_workers
-from .precision import apply_precision, resolved_precision
-from .safety import check_writable
+from .runtime.precision import apply_precision, resolved_precision
+from .runtime.safety import check_writable
 from .teachers import build_teacher
 from .teachers.cache import build_cache, cache_dataset, cache_meta, cache_path, cache_views, validate_cache_config
-from .startup import entry_main, run_entry
+from .runtime.startup import entry_main, run_entry
 from .train import check_train_startup, ensure_teacher_checkpoint
 
 log = logging.getLogger("compress_lit.cache_features")

@@ -24,11 +24,11 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError
+from .runtime.config import ConfigError
 from .evaluation.settings import MODEL_FORMATS, register_eval_configs
-from .paths import config_dir
-from .precision import apply_precision
-from .startup import check_accelerator, check_file, check_mandatory, entry_main, quiet_known_noise, run_entry
+from .runtime.paths import config_dir
+from .runtime.precision import apply_precision
+from .runtime.startup import check_accelerator, check_file, check_mandatory, entry_main, quiet_known_noise, run_entry
 
 log = logging.getLogger("compress_lit.detect")
 CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel

@@ -40,10 +40,10 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError
+from .runtime.config import ConfigError
 from .evaluation.settings import EVALUATIONS, MODEL_FORMATS, register_eval_configs
-from .paths import config_dir
-from .startup import check_accelerator, check_device, check_file, check_mandatory, entry_main, run_entry
+from .runtime.paths import config_dir
+from .runtime.startup import check_accelerator, check_device, check_file, check_mandatory, entry_main, run_entry
 
 log = logging.getLogger("compress_lit.evaluate")
 CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel

@@ -43,9 +43,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
-from .paths import config_dir
-from .safety import load_torch_file
-from .startup import USER_ERRORS, check_mandatory, entry_main, run_entry
+from .runtime.paths import config_dir
+from .runtime.safety import load_torch_file
+from .runtime.startup import USER_ERRORS, check_mandatory, entry_main, run_entry
 
 log = logging.getLogger("compress_lit.export")
 CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel
@@ -433,7 +433,7 @@ def _threads(n: Optional[int]) -> Iterator[int]:
 
 
 def _atomic_target(path: Path) -> Iterator[Path]:
-    from .safety import atomic_target
+    from .runtime.safety import atomic_target
 
     return atomic_target(path)
 

@@ -22,11 +22,11 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError
+from .runtime.config import ConfigError
 from .evaluation.settings import register_eval_configs
-from .paths import config_dir
-from .precision import apply_precision
-from .startup import check_accelerator, check_mandatory, entry_main, run_entry
+from .runtime.paths import config_dir
+from .runtime.precision import apply_precision
+from .runtime.startup import check_accelerator, check_mandatory, entry_main, run_entry
 
 log = logging.getLogger("compress_lit.linear")
 CONF_DIR = config_dir()  # conf/ of the checkout, or compress_lit/conf of an installed wheel

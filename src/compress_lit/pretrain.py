@@ -18,16 +18,16 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import register_configs, validate_pretrain, warn_queue_vs_data
+from .runtime.config import register_configs, validate_pretrain, warn_queue_vs_data
 from .data import build_datamodule
 from .methods import MoCoV2
-from .precision import apply_precision
+from .runtime.precision import apply_precision
 from .runtime.fit import fit
-from .reporting import end_of_run
-from .safety import atomic_copy, check_writable
+from .reporting.end_of_run import end_of_run
+from .runtime.safety import atomic_copy, check_writable
 from .evaluation.suite import evaluate_models, format_table
-from .distributed import apply_batch_plan
-from .startup import check_accelerator, check_mandatory, entry_main, run_entry
+from .runtime.distributed import apply_batch_plan
+from .runtime.startup import check_accelerator, check_mandatory, entry_main, run_entry
 from .train import build_run, build_student, start_run
 
 log = logging.getLogger("compress_lit.pretrain")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .reporting import (CLUSTER_CONFUSION, CLUSTER_GRID, LEARNING_CURVES, RESULT_METRICS, find_metrics_csv,
+from .reporting.end_of_run import (CLUSTER_CONFUSION, CLUSTER_GRID, LEARNING_CURVES, RESULT_METRICS, find_metrics_csv,
                         plot_learning_curves, read_metrics_csv)
 
 KNOWN_IMAGES = {LEARNING_CURVES: "learning curves", CLUSTER_GRID: "cluster grid (val images by k-means cluster)",

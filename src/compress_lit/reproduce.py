@@ -28,11 +28,11 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from .precision import PRECISIONS, args_precision, bf16_slowdown_warning, command_precision
-from .run_records import recorded_precision, restore_progress, save_progress
-from .safety import load_torch_file
-from .startup import USER_ERRORS, check_mandatory, entry_main, run_entry
-from .teacher_check import bars_lines, run_teacher_check, teacher_bars
+from .runtime.precision import PRECISIONS, args_precision, bf16_slowdown_warning, command_precision
+from .reproduction.records import recorded_precision, restore_progress, save_progress
+from .runtime.safety import load_torch_file
+from .runtime.startup import USER_ERRORS, check_mandatory, entry_main, run_entry
+from .reproduction.teacher_check import bars_lines, run_teacher_check, teacher_bars
 
 METRICS = ("1-NN", "20-NN", "cluster", "linear")
 METHOD_LABELS = {"moco_scratch": "MoCo from scratch", "supervised": "supervised", "regression": "Regression",
@@ -542,7 +542,7 @@ def ensure_teacher(cfg: DictConfig, out: Path) -> tuple[Path, dict | None]:
     t0 = time.time()
     run_dir, res = _run_step("compress_lit.pretrain", t_args, out / "teacher", "teacher", False)
     if not ckpt.exists():  # the teacher's run was reused but its copy is gone: take it from the run's checkpoints
-        from .safety import atomic_copy
+        from .runtime.safety import atomic_copy
 
         atomic_copy(run_dir / "checkpoints" / "last.ckpt", ckpt)
     release_teacher(ckpt)
@@ -552,7 +552,7 @@ def ensure_teacher(cfg: DictConfig, out: Path) -> tuple[Path, dict | None]:
                          "is the run's checkpoints/last.ckpt",
               "results": res,
               "seconds_this_call": round(time.time() - t0, 1)}
-    from .safety import atomic_write_bytes
+    from .runtime.safety import atomic_write_bytes
 
     atomic_write_bytes(manifest, (json.dumps(record, indent=2) + "\n").encode())
     print(f"[reproduce] teacher: {ckpt} built, SHA-256 {record['sha256'][:12]}... recorded in {manifest}",
@@ -696,7 +696,7 @@ def announce_precision(cfg: DictConfig) -> list[str]:
     """``common_args`` as every student run gets them (``precision`` applied, ``auto`` resolved for this machine),
     after saying once which precision that is and why, and warning where an explicit bf16 would be emulated. A
     ``precision`` Lightning does not know is a ``ConfigError`` naming it."""
-    from .config import ConfigError
+    from .runtime.config import ConfigError
 
     if cfg.precision is not None and str(cfg.precision) not in PRECISIONS:
         raise ConfigError(f"precision={cfg.precision!r} is invalid: choose one of {list(PRECISIONS)}")
@@ -784,7 +784,7 @@ def add_classifier_accuracy(table: dict, steps: list[Step], results: list[dict |
 
 
 def run_reproduce(cfg: DictConfig) -> dict:
-    from .config import ConfigError
+    from .runtime.config import ConfigError
 
     check_mandatory(cfg, {"name": "reproduce_preset=full|quick|calibrate (or name=<label>)"})
     if cfg.part not in PARTS:
@@ -856,7 +856,7 @@ def run_calibration(cfg: DictConfig, runs: Path, out: Path) -> dict:
     ``common_args``: training images held out, the test split never read), each group's best on its metric marked
     as chosen (or, for a group with ``within``, the first within that many points of it); written to
     ``<out_dir>/calibration_<data>.md`` / ``.json``."""
-    from .config import ConfigError
+    from .runtime.config import ConfigError
 
     if not any(a.startswith("data.holdout=") for a in cfg.common_args):
         raise ConfigError("a calibration (candidates) must evaluate on a validation split: add data.holdout=<n> to "

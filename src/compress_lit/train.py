@@ -24,26 +24,26 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, register_configs, validate_train, warn_queue_vs_data, warn_unused_settings
+from .runtime.config import ConfigError, register_configs, validate_train, warn_queue_vs_data, warn_unused_settings
 from .data import build_datamodule
-from .distributed import apply_batch_plan, ddp_strategy, is_ddp_name, plan_batch
+from .runtime.distributed import apply_batch_plan, ddp_strategy, is_ddp_name, plan_batch
 from .evaluation.suite import evaluate_models, format_table
-from .loggers import build_logger
+from .runtime.loggers import build_logger
 from .methods import CompReSS, DistillationModule
 from .methods.baselines import CRD, ClusterClassification, Regression, Supervised
 from .methods.disco import DisCo
 from .methods.seed import SEED
 from .methods.simreg import SimReg
 from .models import build_from_config
-from .nonfinite import WeightWatch
-from .paths import config_dir
-from .precision import AUTO, apply_precision, resolved_precision
-from .reporting import HistoryCallback, end_of_run, hydra_run_identity, rich_progress_bar
-from .resume import prepare_resume
+from .runtime.nonfinite import WeightWatch
+from .runtime.paths import config_dir
+from .runtime.precision import AUTO, apply_precision, resolved_precision
+from .reporting.end_of_run import HistoryCallback, end_of_run, hydra_run_identity, rich_progress_bar
+from .runtime.resume import prepare_resume
 from .runtime import run_folder
 from .runtime.fit import SaveOnSigterm, fit
-from .safety import AtomicCheckpointIO, StartupError, check_writable
-from .startup import (MANDATORY_HINTS, QUIET_INTERRUPT, USER_ERRORS, check_accelerator, entry_main,
+from .runtime.safety import AtomicCheckpointIO, StartupError, check_writable
+from .runtime.startup import (MANDATORY_HINTS, QUIET_INTERRUPT, USER_ERRORS, check_accelerator, entry_main,
                       quiet_known_noise, run_entry, set_output_dir)
 from .teachers import build_teacher
 from .teachers.cache import (CacheMissingError, SeededViews, TeacherCacheError, cache_features_command, cache_path,
@@ -343,7 +343,7 @@ def build_run(cfg: DictConfig, run_dir: Path, history_rows=None):
 def start_run(cfg: DictConfig, run_dir: str | Path):
     """What train and pretrain do before any data is read: claim the run folder (one run per folder), resolve
     ``resume`` (the checkpoint read weights-only, its config checked for ``resume=auto``), check the folders are
-    writable. Returns the :class:`~compress_lit.resume.Resume`."""
+    writable. Returns the :class:`~compress_lit.runtime.resume.Resume`."""
     run_folder.claim(run_dir, resuming=bool(cfg.resume))
     resume = prepare_resume(cfg.resume, run_dir, OmegaConf.to_container(cfg, resolve=True))
     set_output_dir(resume.run_dir)

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anchor_queue import AnchorQueue
+from .anchor_queue import AnchorQueue
 from ..losses.disco import DISCO_WEIGHT, disco_loss
-from ..momentum import ema_update, make_momentum_copy
+from .momentum import ema_update, make_momentum_copy
 from ..teachers.batch_stats import batch_norms, batch_statistics
 from .distill import DistillationModule
 from .moco import auto_bn_splits, encode_in_groups, mlp_projector

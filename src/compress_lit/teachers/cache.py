@@ -127,7 +127,7 @@ def cache_path(cfg: Any) -> Path:
 
 def validate_cache_config(cfg: Any) -> None:
     """Range checks of the cache settings (``teacher.cache_views``, ``cache.*``); raises ConfigError."""
-    from ..config import ConfigError
+    from ..runtime.config import ConfigError
 
     for key in ("teacher.cache_views", "cache.views"):
         v = _select(cfg, key)
@@ -203,7 +203,7 @@ def checkpoint_weights_sha256(path: str) -> str:
     same size and mtime (a swapped teacher) has another hash."""
     import hashlib
 
-    from ..safety import load_torch_file
+    from ..runtime.safety import load_torch_file
 
     h = hashlib.sha256()
 
