@@ -220,7 +220,8 @@ def train_rate(tree: Path, size: dict, device: torch.device, loader: str, cached
     from compress_lit.data import build_datamodule
     from compress_lit.runtime.distributed import apply_batch_plan
     from compress_lit.teachers import build_teacher
-    from compress_lit.train import METHOD_VIEWS, build_method, build_student, cached_teacher
+    from compress_lit.methods.build import METHOD_VIEWS, build_method, build_student
+    from compress_lit.training.teacher import cached_teacher
 
     register_configs()
     gpu = device.type == "cuda"

@@ -18,7 +18,7 @@ from compress_lit.methods import CRD, SEED, ClusterClassification, CompReSS, Dis
 from compress_lit.methods.baselines import sample_negative_indices
 from compress_lit.models import build_backbone
 from compress_lit.teachers import FrozenTeacher
-from compress_lit.train import build_method
+from compress_lit.methods.build import build_method
 from test_config import CONF
 
 register_configs()

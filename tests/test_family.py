@@ -21,7 +21,7 @@ from compress_lit.methods import SEED, DisCo, SimReg
 from compress_lit.methods.simreg import simreg_head
 from compress_lit.models import build_backbone
 from compress_lit.teachers import FrozenTeacher
-from compress_lit.train import METHOD_VIEWS, build_method, build_student
+from compress_lit.methods.build import METHOD_VIEWS, build_method, build_student
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 FAMILY = sorted(p.stem for p in (CONF / "experiment" / "family").glob("*.yaml"))
@@ -495,7 +495,7 @@ def test_family_preset_composes_with_its_papers_settings_and_runs(preset):
     assert torch.isfinite(loss)
 
 
-def test_every_loss_lives_in_compress_lit_losses_and_the_old_import_still_works():
+def test_every_loss_lives_in_compress_lit_losses():
     import compress_lit.losses.compress as old
     import compress_lit.losses as losses
     from compress_lit.methods import baselines

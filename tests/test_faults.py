@@ -138,7 +138,7 @@ def test_the_library_readers_refuse_a_malicious_file(tmp_path):
     from compress_lit.evaluation.classifier import classifier_accuracy
     from compress_lit.evaluation.loading import load_model
     from compress_lit.report import write_report
-    from compress_lit.reproduce import release_teacher, weights_sha256
+    from compress_lit.reproduction.teacher import release_teacher, weights_sha256
 
     marker = tmp_path / "pwned"
     evil = evil_file(tmp_path / "evil.ckpt", marker)

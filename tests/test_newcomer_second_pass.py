@@ -179,7 +179,7 @@ def test_busy_cores_measures_another_process():
 
 # -------------------------------------------------------------------- 3. every missing piece at once
 def test_the_headline_command_reports_every_missing_piece_with_a_complete_command():
-    from compress_lit.train import check_train_startup
+    from compress_lit.training.checks import check_train_startup
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="train", overrides=["teacher=resnet50x4", "student=alexnet"])

@@ -18,11 +18,13 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from compress_lit.runtime.config import TeacherConfig, register_configs
-from compress_lit.export import check_parity, export_onnx, load_runtime, run_export
+from compress_lit.exporting.convert import export_onnx
+from compress_lit.exporting.measure import check_parity
+from compress_lit.exporting.run import load_runtime, run_export
 from compress_lit.methods import CompReSS
 from compress_lit.models import build_backbone
 from compress_lit.teachers import FrozenTeacher, build_teacher
-from compress_lit.train import build_student
+from compress_lit.methods.build import build_student
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 register_configs()

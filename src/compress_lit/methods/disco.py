@@ -2,7 +2,7 @@
 objective while its final embedding is held to the teacher's, on both augmented views of each image
 (:func:`compress_lit.losses.disco.disco_loss`).
 
-Training batches hold two views ``[x1, x2]`` (train.py builds the datamodule with ``views=2`` for this method). The
+Training batches hold two views ``[x1, x2]`` (training/run.py builds the datamodule with ``views=2`` for this method). The
 query encoder is the student (+ training head) and an MLP projector (Linear d→hidden, ReLU, Linear hidden→teacher
 width; MoCo v2's ``mlp_projector``); the key encoder is an EMA copy of both (``momentum``), run on view 2 with its
 BatchNorm groups drawn from a random permutation of the batch, so that a key is never normalised with its query's
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 TEACHER_BN = ("eval", "batch")
 
 class DisCo(DistillationModule):
-    #: images per training sample: train.py builds the datamodule with this many augmented views
+    #: images per training sample: training/run.py builds the datamodule with this many augmented views
     train_views = 2
 
     def __init__(self, student: nn.Module, teacher: nn.Module, optim, *, queue_size: int = 65_536,
