@@ -85,7 +85,7 @@ def test_ablation_table_layout(tmp_path, monkeypatch):
     """run_ablation on finished runs: rows sorted by value, the centre in both tables, mean ± std over seeds."""
     from pathlib import Path
 
-    from compress_lit.reproduction import run as rp, runs as rp_runs, settings as rp_settings
+    from compress_lit.reproduction import runs as rp_runs, settings as rp_settings
     cfg = _preset(out_dir=str(tmp_path), **{"ablation.seeds": "[0,1]", "ablation.temperatures": "[0.1,0.04]",
                                             "ablation.queue_sizes": "[4096,1024]"})
     scores = {("0.04", "4096"): 80.0, ("0.1", "4096"): 70.0, ("0.04", "1024"): 75.0}
@@ -97,7 +97,7 @@ def test_ablation_table_layout(tmp_path, monkeypatch):
         v = scores[(t, q)] + seed  # seeds 0, 1 -> mean +0.5, std sqrt(0.5)
         return runs / tag, {"student": {m: v for m in rp_settings.METRICS}}
 
-    monkeypatch.setattr(rp, "_run_step", fake_step)
+    monkeypatch.setattr(rp_runs, "_run_step", fake_step)
     table = rp_runs.run_ablation(cfg, tmp_path, Path("t.ckpt"), tmp_path)
     temp, queue = table.values()
     assert list(temp) == ["T=0.04", "T=0.1"] and list(queue) == ["queue=1024", "queue=4096"]
@@ -139,7 +139,7 @@ def test_the_family_methods_are_rows_under_the_same_teacher_budget_and_seeds():
 
 
 def test_the_quick_table_has_a_row_per_family_method(tmp_path, monkeypatch):
-    from compress_lit.reproduction import run as rp, settings as rp_settings
+    from compress_lit.reproduction import run as rp, runs as rp_runs, settings as rp_settings
     cfg = _preset("quick", out_dir=str(tmp_path))
     (tmp_path / "teacher").mkdir()
     import torch
@@ -151,8 +151,8 @@ def test_the_quick_table_has_a_row_per_family_method(tmp_path, monkeypatch):
         method = next((a.split("=")[1] for a in args if a.startswith("method=")), "moco_scratch")
         return runs / tag, {"student": {m: score.get(method, 70.0) for m in rp_settings.METRICS}}
 
-    monkeypatch.setattr(rp, "_run_step", fake_step)
-    monkeypatch.setattr(rp, "build_teacher_cache", lambda step, runs: None)
+    monkeypatch.setattr(rp_runs, "_run_step", fake_step)
+    monkeypatch.setattr(rp_runs, "build_teacher_cache", lambda step, runs: None)
     table = rp.run_reproduce(cfg)["resnet18_small"]
     assert [table[label]["1-NN"][0] for label in ("SEED", "SimReg", "DisCo")] == [68.0, 69.0, 70.0]
     md = (tmp_path / "table1_fashion_mnist_quick.md").read_text()

@@ -167,7 +167,7 @@ def _fake_teacher_step(calls):
 
 def test_teacher_is_built_once_recorded_by_hash_reused_and_a_changed_file_refused(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(rp, "_run_step", _fake_teacher_step(calls))
+    monkeypatch.setattr(rp_runs, "_run_step", _fake_teacher_step(calls))
     cfg = _preset(out_dir=str(tmp_path))
     ckpt, res = rp.ensure_teacher(cfg, tmp_path)
     manifest = json.loads((tmp_path / "teacher" / "full_teacher.json").read_text())
@@ -255,7 +255,7 @@ def test_a_different_teacher_at_the_same_path_never_reuses_student_runs(tmp_path
 
 def test_teacher_manifest_records_the_weights_hash(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(rp, "_run_step", _fake_teacher_step(calls))
+    monkeypatch.setattr(rp_runs, "_run_step", _fake_teacher_step(calls))
     cfg = _preset(out_dir=str(tmp_path))
     ckpt, _ = rp.ensure_teacher(cfg, tmp_path)
     mpath = tmp_path / "teacher" / "full_teacher.json"
@@ -269,7 +269,7 @@ def test_teacher_manifest_records_the_weights_hash(tmp_path, monkeypatch):
 
 def test_teacher_part_builds_only_the_teacher(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(rp, "_run_step", _fake_teacher_step(calls))
+    monkeypatch.setattr(rp_runs, "_run_step", _fake_teacher_step(calls))
     assert "teacher" in rp.run_reproduce(_preset(out_dir=str(tmp_path), part="teacher"))
     assert len(calls) == 1 and not list((tmp_path / "runs").iterdir())
 
@@ -348,7 +348,7 @@ def test_teacher_check_runs_teacher_and_pixels_per_teacher_hash_and_reaches_the_
                                 "linear": {"top1": top}}
         return runs / tag, None
 
-    monkeypatch.setattr(rp, "_run_step", fake)
+    monkeypatch.setattr(rp_runs, "_run_step", fake)
     cfg = _preset(out_dir=str(tmp_path), part="table", students="[alexnet_small]")
     rp.run_reproduce(cfg)
     assert [(r.name, t, a[0], run) for r, t, a, run in seen] == [
@@ -452,8 +452,8 @@ def test_parallel_steps_run_each_command_once_after_the_cache_is_built_alone(tmp
             order.append((tag, threads, log_file))
         return runs / tag, {"student (x)": {"1-NN": 1.0}}
 
-    monkeypatch.setattr(rp, "_run_step", fake)
-    monkeypatch.setattr(rp, "build_teacher_cache", lambda step, runs: order.append(("cache for " + step.tag,
+    monkeypatch.setattr(rp_runs, "_run_step", fake)
+    monkeypatch.setattr(rp_runs, "build_teacher_cache", lambda step, runs: order.append(("cache for " + step.tag,
                                                                                     None, True)))
     cfg = _preset(out_dir=str(tmp_path), jobs=2)
     steps = [rp_runs.Step("a", "compress_lit.train", ["method=supervised"], True, method="supervised"),
@@ -488,8 +488,8 @@ def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch)
         lin = next((lin[a_] for a_ in args if a_ in lin), 85.0)
         return runs / tag, {"student (x)": {"1-NN": v, "20-NN": v, "cluster": 1.0, "linear": lin}}
 
-    monkeypatch.setattr(rp, "_run_step", fake)
-    monkeypatch.setattr(rp, "build_teacher_cache", lambda step, runs: None)
+    monkeypatch.setattr(rp_runs, "_run_step", fake)
+    monkeypatch.setattr(rp_runs, "build_teacher_cache", lambda step, runs: None)
     groups = rp.run_calibration(cal, tmp_path, tmp_path)
     chosen = {g: [c["label"] for c in cands if c["chosen"]] for g, cands in groups.items()}
     assert chosen["learning rate (CompReSS-2q, T 0.04, m 0.99)"] == ["lr 0.1"]  # 83 > 82
@@ -534,7 +534,7 @@ def test_table_part_runs_nothing_and_says_the_table_is_partial(tmp_path, monkeyp
             return runs / tag, {"student (supervised)": {m: 90.0 for m in rp_settings.METRICS}}
         return runs / tag, None
 
-    monkeypatch.setattr(rp, "_run_step", fake)
+    monkeypatch.setattr(rp_runs, "_run_step", fake)
     cfg = _preset(out_dir=str(tmp_path), part="table", students="[alexnet_small]")
     table = rp.run_reproduce(cfg)["alexnet_small"]
     assert ran and not any(ran)  # every step only read

@@ -93,13 +93,13 @@ def test_a_reproduction_continues_on_another_machine_from_its_progress_file(tmp_
     progress = tmp_path / "progress.json"
     cfg = _preset(progress=str(progress), jobs=1)
     first = []
-    monkeypatch.setattr(rp, "_run_step", _fake_step(first, fail_on="s2"))
+    monkeypatch.setattr(rp_runs, "_run_step", _fake_step(first, fail_on="s2"))
     with pytest.raises(rp_runs.StepFailed):
         rp_runs.execute_recorded(cfg, steps, tmp_path / "machine1")
     assert first == ["s0", "s1"] and len(load_progress(progress)) == 2  # recorded although a step failed
 
     second = []  # a new machine: an empty runs/, only the progress file
-    monkeypatch.setattr(rp, "_run_step", _fake_step(second))
+    monkeypatch.setattr(rp_runs, "_run_step", _fake_step(second))
     res = rp_runs.execute_recorded(cfg, steps, tmp_path / "machine2")
     assert second == ["s2"]  # the recorded runs were not run again
     assert [r["student (x)"]["1-NN"] for r in res] == [1.0, 2.0, 1.0]
@@ -108,13 +108,13 @@ def test_a_reproduction_continues_on_another_machine_from_its_progress_file(tmp_
     # a rebuilt teacher with other weights: no record is any of its runs
     other = [rp_runs.Step(s.tag, s.module, s.args, True, method=s.method, teacher="bb" * 32) for s in steps]
     third = []
-    monkeypatch.setattr(rp, "_run_step", _fake_step(third))
+    monkeypatch.setattr(rp_runs, "_run_step", _fake_step(third))
     rp_runs.execute_recorded(cfg, other, tmp_path / "machine3")
     assert third == ["s0", "s1", "s2"]
 
     # without progress= nothing is read: a plain reproduction starts from its own runs/
     fourth = []
-    monkeypatch.setattr(rp, "_run_step", _fake_step(fourth))
+    monkeypatch.setattr(rp_runs, "_run_step", _fake_step(fourth))
     rp_runs.execute_recorded(_preset(jobs=1), steps, tmp_path / "machine4")
     assert fourth == ["s0", "s1", "s2"]
     assert len(list((tmp_path / "machine4").glob("*/results.json"))) == 3  # its own three, no restored records

@@ -20,7 +20,7 @@ def run_linear(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     from .loading import load_model, resolve_data_config, resolve_device
     from .per_layer import best_layer, linear_per_layer, per_layer_table, resolve_layers
     from .ten_crop import LABEL as TEN_CROP
-    from ..evaluate import check_model_inputs
+    from .run import check_model_inputs
 
     check_mandatory(cfg)
     if cfg.linear.mode not in ("full", "features"):

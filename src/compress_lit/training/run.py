@@ -36,7 +36,7 @@ def eval_callbacks(ecfg) -> list[pl.Callback]:
     """k-NN and cluster alignment during training, every ``eval.every_n_epochs`` epochs (0: none)."""
     if not ecfg.every_n_epochs:
         return []
-    from .evaluation.callbacks import ClusterAlignmentCallback, KNNCallback
+    from ..evaluation.callbacks import ClusterAlignmentCallback, KNNCallback
 
     kw = dict(every_n_epochs=ecfg.every_n_epochs, train_subset=ecfg.train_subset, val_subset=ecfg.val_subset)
     return [KNNCallback(ks=list(ecfg.knn_k), **kw), ClusterAlignmentCallback(seeds=1, **kw)]
@@ -141,8 +141,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict:
         if init_student is not None:
             models["student, random init"] = init_student.to(device)
         if cfg.eval.pixel_baseline:
-            from .data.transforms import TENSOR_DATASETS
-            from .evaluation.pixels import RawPixels
+            from ..data.transforms import TENSOR_DATASETS
+            from ..evaluation.pixels import RawPixels
 
             models["raw pixels"] = RawPixels(grey=cfg.data.name in TENSOR_DATASETS)
         results = evaluate_models(models, dm, list(cfg.eval.knn_k), device, cfg.eval.cluster_seeds,
