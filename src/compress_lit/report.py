@@ -19,6 +19,7 @@ from typing import Optional
 
 from .reporting.report import write_report
 
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m compress_lit.report", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,6 +18,7 @@ from .reproduction.run import run_reproduce
 from .reproduction.runs import StepFailed
 from .runtime.startup import USER_ERRORS, entry_main, run_entry
 
+
 @entry_main("reproduce")
 def main(cfg: DictConfig) -> None:
     run_entry("reproduce", lambda: run_reproduce(cfg), user_errors=(*USER_ERRORS, StepFailed))

@@ -13,6 +13,7 @@ from ..runtime.config import ConfigError
 from ..runtime.precision import apply_precision
 from ..runtime.startup import check_accelerator, check_mandatory
 
+
 def run_linear(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     from ..data import build_datamodule
     from .features import FeatureCache, save_features

@@ -15,6 +15,7 @@ from .distill import DistillationModule
 from .seed import SEED
 from .simreg import SimReg
 
+
 def build_student(scfg, num_classes: int | None = None) -> torch.nn.Module:
     """``student.arch`` with the node's options (small_input, width_multiplier, AlexNet fc_dim / dropout, vit.*)."""
     return build_from_config(scfg, **({"num_classes": num_classes} if num_classes else {}))

@@ -12,14 +12,15 @@ from omegaconf import DictConfig
 
 from ..runtime.precision import PRECISIONS, bf16_slowdown_warning, command_precision
 from ..runtime.startup import check_mandatory
-from . import runs  # runs._run_step: looked up there at each call (one place to replace it)
+from . import runs  # runs._run_step, looked up there at each call
 from .records import recorded_precision, save_progress
-from .runs import (Step, StepFailed, _find_done, _hash, execute_recorded, keep_classifier_accuracy, plan_steps, run_ablation, step_command,
-                   step_key, table_probe)
+from .runs import (Step, StepFailed, _find_done, _hash, execute_recorded, keep_classifier_accuracy, plan_steps,
+                   run_ablation, step_command, step_key, table_probe)
 from .settings import METHOD_LABELS, PARTS
 from .tables import SCRATCH, TEACHER, _pick, _row, aggregate, bar_chart, claim_check, markdown_table
 from .teacher import _sha256, release_teacher, teacher_files, teacher_weights, weights_sha256
 from .teacher_check import bars_lines, run_teacher_check, teacher_bars
+
 
 def ensure_teacher(cfg: DictConfig, out: Path) -> tuple[Path, dict | None]:
     """Reuse the teacher when its checkpoint matches the SHA-256 its manifest recorded (and, for the preset's own

@@ -20,6 +20,7 @@ from .records import restore_progress, save_progress
 from .settings import METHOD_LABELS
 from .tables import _row, aggregate, markdown_table
 
+
 class StepFailed(RuntimeError):
     """A step's command failed; its own one-line error (or traceback) is printed above this one."""
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from .settings import METHOD_LABELS, METRICS
 
+
 def _row(res: dict) -> dict[str, float]:
     """The trained model's row of a run's results: the first ``student ...`` row, else the first row."""
     return next((v for k, v in res.items() if k.startswith("student (")), next(iter(res.values())))

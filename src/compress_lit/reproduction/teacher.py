@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from ..runtime.safety import load_torch_file
 
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -20,6 +20,7 @@ from ..runtime.precision import resolved_precision
 from .cache import DTYPES, MAX_VIEWS, build_cache, cache_dataset, cache_meta, default_cache_path
 from .loading import build_teacher
 
+
 def cache_views(cfg: Any) -> int:
     """K for a (training or cache_features) root config: ``cache.views`` if set, else ``teacher.cache_views``."""
     v = _select(cfg, "cache.views")

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..runtime.config import ConfigError, validate_train
 from ..runtime.startup import MANDATORY_HINTS, check_accelerator
 
+
 def run_overrides() -> list[str] | None:
     """This run's command-line overrides (None outside a Hydra run)."""
     if not HydraConfig.initialized():
