@@ -222,6 +222,8 @@ GENERATED = {  # paths that commands write (not committed): the command the page
     "benchmarks/results/gpu_check.json": "gpu_check.py",  # written on a GPU machine
     "results/gpu_check.json": "gpu_check.py",
     "results/table1_fashion_mnist_full_fp32": "name=full_fp32",  # every row in fp32, on request
+    "results/teacher/full_teacher_views8": "reproduce",  # the table's teacher cache (not committed: 80 MB)
+    "results/teacher/full_teacher_views8_fp32": "reproduce-fp32",
 }
 
 

@@ -157,3 +157,16 @@ def test_the_quick_table_has_a_row_per_family_method(tmp_path, monkeypatch):
     assert [table[label]["1-NN"][0] for label in ("SEED", "SimReg", "DisCo")] == [68.0, 69.0, 70.0]
     md = (tmp_path / "table1_fashion_mnist_quick.md").read_text()
     assert "| SEED | 68.00 ± 0.00 |" in md and "| DisCo | **70.00 ± 0.00** |" in md  # the best self-supervised row
+
+
+def test_the_teacher_check_reads_the_released_teacher_as_a_teacher(tmp_path):
+    """The committed teacher is in release form (backbone weights alone): the check evaluates it through its
+    preset's format and architecture, not as a training checkpoint (which would need its config)."""
+    from omegaconf import OmegaConf
+
+    from compress_lit.reproduction.run import teacher_model_args
+
+    cfg = OmegaConf.create({"teacher_overrides": ["teacher=fashion_mnist"]})
+    assert teacher_model_args(cfg) == ["model_format=compress_lit", "model.arch=convnet", "model.name=fashion_mnist",
+                                       "model.small_input=true", "model.width_multiplier=1.0"]
+    assert teacher_model_args(OmegaConf.create({"teacher_overrides": []})) == []

@@ -354,7 +354,11 @@ def test_teacher_check_runs_teacher_and_pixels_per_teacher_hash_and_reaches_the_
     assert [(r.name, t, a[0], run) for r, t, a, run in seen] == [
         ("check-" + "ab" * 6, "check-teacher", "checkpoint=t.ckpt", False),
         ("check-" + "ab" * 6, "check-raw_pixels", "model_format=pixels", False)]
-    assert all(a[1:] == list(cfg.teacher_check.args) for _, _, a, _ in seen)
+    # the teacher's file is read through its preset (format and architecture); both runs share the check's args
+    teacher_args = ["model_format=compress_lit", "model.arch=convnet", "model.name=fashion_mnist",
+                    "model.small_input=true", "model.width_multiplier=1.0"]
+    assert seen[0][2][1:] == [*teacher_args, *cfg.teacher_check.args]
+    assert seen[1][2][1:] == list(cfg.teacher_check.args)
     assert "data.train_subset=10000" not in cfg.teacher_check.args  # the whole train split
     out = json.loads((tmp_path / "table1_fashion_mnist.json").read_text())
     assert out["teacher_check"]["teacher"]["linear"] == 88.0

@@ -20,15 +20,23 @@ def randomised(arch: str, width_multiplier: float | None = None, seed: int = 1) 
     """A small-input backbone with random weights and random BatchNorm statistics, in eval mode."""
     torch.manual_seed(seed)
     m = build_backbone(arch, small_input=True, width_multiplier=width_multiplier)
+    randomise_bn(m)
     with torch.no_grad():
         for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.num_batches_tracked.fill_(7)
+    return m.eval()
+
+
+def randomise_bn(model: nn.Module) -> None:
+    """Random BatchNorm affine parameters and running statistics (a trained network's are not 0/1)."""
+    with torch.no_grad():
+        for mod in model.modules():
             if isinstance(mod, nn.BatchNorm2d):
                 mod.weight.uniform_(0.5, 1.5)
                 mod.bias.normal_(0, 0.1)
                 mod.running_mean.normal_(0, 0.1)
                 mod.running_var.uniform_(0.5, 2.0)
-                mod.num_batches_tracked.fill_(7)
-    return m.eval()
 
 
 def cfg_for(arch, fmt, path, width_multiplier=None) -> TeacherConfig:
@@ -273,13 +281,7 @@ def torchvision_classifier(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     tv = torchvision.models.resnet18(weights=None)
-    with torch.no_grad():
-        for mod in tv.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.normal_(0, 0.1)
-                mod.running_mean.normal_(0, 0.1)
-                mod.running_var.uniform_(0.5, 2.0)
+    randomise_bn(tv)
     return tv.eval()
 
 

@@ -264,7 +264,7 @@ def report_markdown(r: dict[str, Any]) -> str:
     sep = "|" + "|".join(("-" * (w[i] + 1) + ":") if right[i] else "-" * (w[i] + 2) for i in range(len(head))) + "|"
     p = r["parity"]
     lines = [f"## Export of {r['checkpoint']}", "",
-             f"- file: `{r['output']}` ({r['format']}, {r['exporter']}); input `{r['input_name']}` "
+             f"- file: `{_shown_path(r['output'])}` ({r['format']}, {r['exporter']}); input `{r['input_name']}` "
              f"{tuple(r['input_shape'])}{' with a dynamic batch axis' if r['dynamic_batch'] else ''}, output "
              f"`{r['output_name']}` ({r['output_dim']}-d)",
              f"- exported: {r['exported_keys']} (the backbone); left out: "
@@ -281,5 +281,14 @@ def report_markdown(r: dict[str, Any]) -> str:
     lines += ["", fmt_row(head), sep, *[fmt_row(x) for x in rows]]
     return "\n".join(lines)
 
+
+
+def _shown_path(path: str | os.PathLike) -> str:
+    """``path`` relative to the working directory when it lies inside it (a report names no machine's folders)."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 __all__ = ["load_runtime", "report_markdown", "run_export"]

@@ -77,7 +77,26 @@ def teacher_check(cfg: DictConfig, out: Path, teacher_ckpt: Path) -> Optional[di
     m = json.loads(manifest.read_text()) if manifest.exists() else {}
     sha = m.get("weights_sha256") or m.get("sha256", "")  # the weights: the same teacher rebuilt elsewhere reuses it
     return run_teacher_check(list(cfg.teacher_check.args), teacher_ckpt, sha or "unbuilt", out, runs._run_step,
-                             dry=cfg.dry_run, run=cfg.part != "table")
+                             dry=cfg.dry_run, run=cfg.part != "table", teacher_args=teacher_model_args(cfg))
+
+
+def teacher_model_args(cfg: DictConfig) -> list[str]:
+    """``compress_lit.evaluate``'s ``model_format`` / ``model.*`` for the preset's teacher (``teacher=<name>`` of
+    ``teacher_overrides``, read from ``conf/teacher/<name>.yaml``): the teacher file is read as a teacher (its
+    release form holds the backbone's weights alone, no training config to take the architecture from)."""
+    from omegaconf import OmegaConf
+
+    from ..runtime.paths import config_dir
+
+    name = next((o.split("=", 1)[1] for o in cfg.teacher_overrides if o.startswith("teacher=")), None)
+    if name is None:
+        return []
+    t = OmegaConf.load(Path(config_dir()) / "teacher" / f"{name}.yaml")
+    args = [f"model_format={t.format}", f"model.arch={t.arch}", f"model.name={t.name}"]
+    args += [f"model.small_input={str(bool(t.get('small_input', False))).lower()}"]
+    if t.get("width_multiplier") is not None:
+        args.append(f"model.width_multiplier={t.width_multiplier}")
+    return args
 
 
 def announce_precision(cfg: DictConfig) -> list[str]:

@@ -30,15 +30,16 @@ def evaluate_row(res: dict) -> dict[str, float]:
 
 
 def run_teacher_check(args: list[str], teacher_ckpt: Path, sha256: str, out: Path, run_step: Callable,
-                      dry: bool = False, run: bool = True) -> Optional[dict]:
+                      dry: bool = False, run: bool = True, teacher_args: tuple[str, ...] = ()) -> Optional[dict]:
     """Score the teacher (``checkpoint=teacher_ckpt``) and the raw pixels (``model_format=pixels``) with the same
     ``args``. The runs live in ``out/teacher/check-<sha256[:12]>`` (the teacher's weights hash): a different
     teacher gets its own check.
-    ``run=False``: only read finished runs. Returns ``{"args", "num_train", "num_val", "teacher": row,
+    ``teacher_args``: how the teacher's file is read (``model_format=<format> model.arch=...``; none: as a
+    compress_lit training checkpoint). ``run=False``: only read finished runs. Returns ``{"args", "num_train", "num_val", "teacher": row,
     "raw pixels": row}`` (``None`` on a dry run or when a run is missing)."""
     runs = out / "teacher" / f"check-{sha256[:12]}"
     rows, sizes = {}, {}
-    for name, extra in (("teacher", [f"checkpoint={teacher_ckpt}"]), (PIXELS, ["model_format=pixels"])):
+    for name, extra in (("teacher", [f"checkpoint={teacher_ckpt}", *teacher_args]), (PIXELS, ["model_format=pixels"])):
         _, res = run_step("compress_lit.evaluate", [*extra, *args], runs, f"check-{name.replace(' ', '_')}", dry,
                           run=run)
         if res is None:
