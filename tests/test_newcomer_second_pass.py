@@ -120,8 +120,11 @@ def test_ctrl_c_during_the_teachers_pretraining_is_one_line_and_the_next_run_con
             "trainer.enable_progress_bar=false", "eval.at_end=false", "optim.epochs=1",
             "teacher.pretrain_args=['pretrain_experiment=demo_teacher','student.width_multiplier=0.25',"
             "'data.train_subset=256','optim.epochs=12','eval.at_end=false','trainer.enable_model_summary=false']"]
+    # SIGINT reset to its default in the child: a test run started in the background (CI scripts, `&`) inherits an
+    # ignored SIGINT, and a Python started with SIGINT ignored never turns it into KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "compress_lit.train", *args], cwd=tmp_path, env=_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pre = tmp_path / "outputs" / "pretrain"
     _wait(lambda: any(pre.glob("*/*/checkpoints/last.ckpt")), proc)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group: train and its pretraining
