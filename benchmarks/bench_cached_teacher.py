@@ -46,12 +46,12 @@ from _common import cpu_model, save_result  # noqa: E402
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from compress_lit.config import DataConfig, OptimConfig, TeacherConfig  # noqa: E402
+from compress_lit.runtime.config import DataConfig, OptimConfig, TeacherConfig  # noqa: E402
 from compress_lit.data import build_datamodule  # noqa: E402
 from compress_lit.methods import CompReSS  # noqa: E402
 from compress_lit.models import build_backbone  # noqa: E402
-from compress_lit.teacher import FrozenTeacher  # noqa: E402
-from compress_lit.teacher_cache import build_cache, cache_meta, expected_meta, open_cache  # noqa: E402
+from compress_lit.teachers import FrozenTeacher  # noqa: E402
+from compress_lit.teachers.cache import build_cache, cache_meta, expected_meta, open_cache  # noqa: E402
 
 
 

@@ -104,7 +104,7 @@ def make_tree(root: Path, n: int, classes: int = 4, seed: int = 0) -> list[int]:
 def data_config(root: Path, **overrides):
     from omegaconf import OmegaConf
 
-    from compress_lit.config import DataConfig
+    from compress_lit.runtime.config import DataConfig
 
     preset = OmegaConf.load(ROOT / "conf" / "data" / "imagenet.yaml")
     return OmegaConf.merge(OmegaConf.structured(DataConfig), preset.data, {"root": str(root), **overrides})

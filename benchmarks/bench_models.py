@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import cpu_model, save_result  # noqa: E402
 
-from compress_lit.export import count_flops  # noqa: E402
+from compress_lit.exporting.measure import count_flops  # noqa: E402
 from compress_lit.models import build_backbone  # noqa: E402
 from compress_lit.teachers import FrozenTeacher  # noqa: E402
 

@@ -4,7 +4,7 @@ For each student of the Fashion-MNIST table (``conf/student/alexnet_small.yaml``
 28 px, batch 64, one thread: images/s of the forward pass (eval mode, no grad) and of a training step (train mode,
 forward + backward of a mean-square loss on the embedding), in fp32 and under bf16 autocast; fastest of ``--reps``
 timed repetitions after one warm-up. Also the CPU (``lscpu``'s model name, torch's CPU capability, the native bf16
-features) and what ``auto`` resolves to on it (``compress_lit.precision``).
+features) and what ``auto`` resolves to on it (``compress_lit.runtime.precision``).
 
 Then the same again in a subprocess with oneDNN and ATen capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2
 ATEN_CPU_CAPABILITY=avx2``): the kernels an AVX2-only CPU runs, where bf16 is emulated (``--no-avx2`` skips it).
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_model, save_result  # noqa: E402
 
 from compress_lit.models import build_from_config  # noqa: E402
-from compress_lit.precision import choose_precision, cpu_info  # noqa: E402
+from compress_lit.runtime.precision import choose_precision, cpu_info  # noqa: E402
 
 STUDENTS = ("alexnet_small", "resnet18_small")
 CONF = Path(__file__).resolve().parents[1] / "conf" / "student"

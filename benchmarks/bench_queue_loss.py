@@ -3,7 +3,7 @@
 Both formulations compute the same thing for a batch of student and teacher embeddings (forward and backward
 with respect to the student embedding, as in training) and then write the batch's keys into both queues:
 
-* **ours** — ``compress_lit.loss.compress_loss`` against the queue buffers themselves, keys staged with
+* **ours** — ``compress_lit.losses.compress.compress_loss`` against the queue buffers themselves, keys staged with
   ``AnchorQueue.stage`` and written after the backward with ``AnchorQueue.flush`` (an in-place ring write of one
   batch per bank; no copy of the queue).
 * **official** — the direct formulation of the official scripts: every step ``queue.clone().detach()`` of both
@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_model, save_result  # noqa: E402
 
-from compress_lit.anchor_queue import AnchorQueue  # noqa: E402
-from compress_lit.loss import compress_loss  # noqa: E402
+from compress_lit.methods.anchor_queue import AnchorQueue  # noqa: E402
+from compress_lit.losses.compress import compress_loss  # noqa: E402
 
 TEMPERATURE = 0.04
 

@@ -48,13 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_model, save_result  # noqa: E402
 
-from compress_lit.config import OptimConfig  # noqa: E402
-from compress_lit.loss import compress_loss  # noqa: E402
+from compress_lit.runtime.config import OptimConfig  # noqa: E402
+from compress_lit.losses.compress import compress_loss  # noqa: E402
 from compress_lit.methods import CompReSS  # noqa: E402
 from compress_lit.models import build_backbone  # noqa: E402
-from compress_lit.momentum import ema_update  # noqa: E402
-from compress_lit.schedule import build_optimizer  # noqa: E402
-from compress_lit.teacher import FrozenTeacher  # noqa: E402
+from compress_lit.methods.momentum import ema_update  # noqa: E402
+from compress_lit.methods.schedule import build_optimizer  # noqa: E402
+from compress_lit.teachers import FrozenTeacher  # noqa: E402
 
 STUDENTS = {
     "alexnet_small": dict(arch="alexnet", small_input=True, width_multiplier=0.25, fc_dim=1024),

@@ -54,12 +54,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_model  # noqa: E402
 
-from compress_lit.config import OptimConfig  # noqa: E402
-from compress_lit.loss import compress_loss  # noqa: E402
+from compress_lit.runtime.config import OptimConfig  # noqa: E402
+from compress_lit.losses.compress import compress_loss  # noqa: E402
 from compress_lit.methods import CompReSS  # noqa: E402
 from compress_lit.models import build_backbone  # noqa: E402
-from compress_lit.momentum import ema_update  # noqa: E402
-from compress_lit.teacher import FrozenTeacher  # noqa: E402
+from compress_lit.methods.momentum import ema_update  # noqa: E402
+from compress_lit.teachers import FrozenTeacher  # noqa: E402
 
 BF16_REL_BOUND = 0.02  # relative error of the bf16-autocast loss vs fp32 (as tests/test_precision.py)
 TEMPERATURE = 0.04

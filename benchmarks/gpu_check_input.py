@@ -143,7 +143,7 @@ def dali_pipeline_rate(tree: Path, size: dict, device: torch.device) -> dict:
     """Images/s and CPU seconds per image of ``DaliLoader``'s training pipeline (1 and 2 views)."""
     from omegaconf import OmegaConf
 
-    from compress_lit.config import DataConfig
+    from compress_lit.runtime.config import DataConfig
     from compress_lit.data.dali_loader import DaliLoader, dali_problem
     from compress_lit.data.dali_pipelines import DaliSpec
     from compress_lit.data.datasets import load_imagefolder_splits
@@ -216,11 +216,12 @@ def train_rate(tree: Path, size: dict, device: torch.device, loader: str, cached
 
     import pytorch_lightning as pl
 
-    from compress_lit.config import register_configs, validate_train
+    from compress_lit.runtime.config import register_configs, validate_train
     from compress_lit.data import build_datamodule
-    from compress_lit.distributed import apply_batch_plan
+    from compress_lit.runtime.distributed import apply_batch_plan
     from compress_lit.teachers import build_teacher
-    from compress_lit.train import METHOD_VIEWS, build_method, build_student, cached_teacher
+    from compress_lit.methods.build import METHOD_VIEWS, build_method, build_student
+    from compress_lit.training.teacher import cached_teacher
 
     register_configs()
     gpu = device.type == "cuda"

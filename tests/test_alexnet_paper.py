@@ -10,10 +10,10 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from compress_lit.config import ConfigError, OptimConfig
+from compress_lit.runtime.config import ConfigError, OptimConfig
 from compress_lit.methods import CompReSS
 from compress_lit.models import build_backbone
-from compress_lit.teacher import FrozenTeacher
+from compress_lit.teachers import FrozenTeacher
 
 T, M, LR, WD, MOM, Q, B, STEPS = 0.04, 0.9, 0.05, 1e-4, 0.9, 24, 8, 3
 
@@ -31,7 +31,7 @@ def test_default_alexnet_has_no_dropout_and_is_deterministic_in_train_mode():
 
 
 def test_dropout_setting_is_validated():
-    from compress_lit.config import TrainConfig, validate_train
+    from compress_lit.runtime.config import TrainConfig, validate_train
     from hydra import compose, initialize_config_dir
     from compress_lit.train import CONF_DIR
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from compress_lit.anchor_queue import AnchorQueue
+from compress_lit.methods.anchor_queue import AnchorQueue
 
 
 def test_init_is_uniform_in_paper_range():

@@ -10,9 +10,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
-from compress_lit.config import register_configs
-from compress_lit.safety import AtomicCheckpointIO, DiskFullError, StartupError, atomic_copy, check_writable
-from compress_lit.train import build_trainer
+from compress_lit.runtime.config import register_configs
+from compress_lit.runtime.safety import AtomicCheckpointIO, DiskFullError, StartupError, atomic_copy, check_writable
+from compress_lit.training.run import build_trainer
 from test_methods import FixedBatch, make_module
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

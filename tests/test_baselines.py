@@ -12,13 +12,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from compress_lit.config import METHODS, OptimConfig, register_configs, validate_train
+from compress_lit.runtime.config import METHODS, OptimConfig, register_configs, validate_train
 from compress_lit.evaluation.cluster import assign, kmeans
 from compress_lit.methods import CRD, SEED, ClusterClassification, CompReSS, DisCo, Regression, SimReg, Supervised
 from compress_lit.methods.baselines import sample_negative_indices
 from compress_lit.models import build_backbone
-from compress_lit.teacher import FrozenTeacher
-from compress_lit.train import build_method
+from compress_lit.teachers import FrozenTeacher
+from compress_lit.methods.build import build_method
 from test_config import CONF
 
 register_configs()
@@ -317,7 +317,7 @@ def test_build_method_dispatches_on_the_method_name(method):
                                           ("method.crd_memory_momentum=1.0", "method.crd_memory_momentum"),
                                           ("method.cc_clusters=0", "method.cc_clusters")])
 def test_bad_baseline_values_fail_naming_the_key(override, key):
-    from compress_lit.config import ConfigError
+    from compress_lit.runtime.config import ConfigError
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_train(_cfg("crd", override))

@@ -10,11 +10,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from compress_lit.config import ConfigError, OptimConfig, register_configs, validate_train
+from compress_lit.runtime.config import ConfigError, OptimConfig, register_configs, validate_train
 from compress_lit.methods.baselines import ClusterClassification
 from compress_lit.models import build_backbone
-from compress_lit.schedule import build_optimizer
-from compress_lit.teacher import FrozenTeacher
+from compress_lit.methods.schedule import build_optimizer
+from compress_lit.teachers import FrozenTeacher
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()

@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from compress_lit.config import METHODS, ConfigError, register_configs, validate_pretrain, validate_train
+from compress_lit.runtime.config import METHODS, ConfigError, register_configs, validate_pretrain, validate_train
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 register_configs()

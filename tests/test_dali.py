@@ -23,7 +23,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from compress_lit.config import ConfigError, DataConfig, validate_pretrain, validate_train
+from compress_lit.runtime.config import ConfigError, DataConfig, validate_pretrain, validate_train
 from compress_lit.data import DatasetError, build_datamodule
 from compress_lit.data.dali_loader import DaliLoader, dali_problem
 from compress_lit.data.dali_pipelines import DaliSpec
@@ -93,7 +93,7 @@ def tree(tmp_path_factory):
 def _train_cfg(*overrides):
     from hydra import compose, initialize_config_dir
 
-    from compress_lit.config import register_configs
+    from compress_lit.runtime.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

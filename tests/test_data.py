@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from compress_lit.config import DataConfig
+from compress_lit.runtime.config import DataConfig
 from compress_lit.data import CompressDataModule, DatasetError, build_datamodule, verify_images
 from compress_lit.data.datasets import (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, load_fashion_mnist_splits,
                                         load_idx_split, read_idx)

@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from compress_lit.config import ConfigError, DataConfig, register_configs, validate_train
+from compress_lit.runtime.config import ConfigError, DataConfig, register_configs, validate_train
 from compress_lit.data import build_datamodule
 from compress_lit.data.datasets import DatasetError, ImageFolderDataset, load_imagefolder_splits, pil_luma
 from compress_lit.data.transforms import eval_transform, train_transform

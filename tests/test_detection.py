@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from compress_lit.config import ConfigError
+from compress_lit.runtime.config import ConfigError
 from compress_lit.evaluation.settings import DetectSettings
 from compress_lit.evaluation.voc import VOC_CLASSES
 from compress_lit.evaluation.voc_detection import (VOC07DetectionDataset, box_iou, parse_boxes,

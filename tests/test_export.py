@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress_lit.config import ConfigError
+from compress_lit.runtime.config import ConfigError
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from compress_lit.export import ExportError, run_export
+from compress_lit.exporting.run import run_export
+from compress_lit.exporting.settings import ExportError
 from compress_lit.methods import CompReSS
 from compress_lit.models import build_backbone
-from compress_lit.teacher import FrozenTeacher
+from compress_lit.teachers import FrozenTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -168,7 +169,8 @@ def test_both_onnx_exporters(ckpts, tmp_path, exporter):
 
 def test_adaptive_pools_are_exported_as_plain_pools_with_the_same_windows(tmp_path):
     """ONNX has no adaptive max pool: AlexNet's pool5 (6x6 from 13x13) becomes MaxPool2d(3, stride 2)."""
-    from compress_lit.export import _uniform_windows, export_onnx, load_runtime
+    from compress_lit.exporting.convert import _uniform_windows, export_onnx
+    from compress_lit.exporting.run import load_runtime
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveMaxPool2d(6), torch.nn.Flatten()).eval()
     _, notes = export_onnx(net, torch.randn(1, 3, 15, 15), tmp_path / "p.onnx", exporter="legacy")
@@ -184,7 +186,7 @@ def test_adaptive_pools_are_exported_as_plain_pools_with_the_same_windows(tmp_pa
 
 def test_flops_per_image_counts_the_convolutions(ckpts, tmp_path):
     """A hand count for a one-conv network: 2 * MACs (what FlopCounterMode reports) per image."""
-    from compress_lit.export import count_flops
+    from compress_lit.exporting.measure import count_flops
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 5))
     macs = 8 * 16 * 16 * 3 * 3 * 3 + 8 * 16 * 16 * 5
@@ -193,7 +195,7 @@ def test_flops_per_image_counts_the_convolutions(ckpts, tmp_path):
 
 
 def test_output_path_and_failed_parity_keeps_the_previous_file(ckpts, tmp_path, monkeypatch):
-    import compress_lit.export as ex
+    import compress_lit.exporting.run as ex
 
     target = tmp_path / "deploy" / "model.onnx"
     cfg = _cfg(ckpts["1q"], "onnx", f"output={target}", "compare_teacher=false")

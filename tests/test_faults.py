@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress_lit.safety import UnreadableFileError, UnsafeFileError, load_torch_file
+from compress_lit.runtime.safety import UnreadableFileError, UnsafeFileError, load_torch_file
 
 ARGS = ["teacher.format=random", "teacher.checkpoint=null", "teacher.width_multiplier=0.25",
         "student.width_multiplier=0.125", "data.train_subset=1024", "data.val_subset=64", "data.batch_size=32",
@@ -138,7 +138,7 @@ def test_the_library_readers_refuse_a_malicious_file(tmp_path):
     from compress_lit.evaluation.classifier import classifier_accuracy
     from compress_lit.evaluation.loading import load_model
     from compress_lit.report import write_report
-    from compress_lit.reproduce import release_teacher, weights_sha256
+    from compress_lit.reproduction.teacher import release_teacher, weights_sha256
 
     marker = tmp_path / "pwned"
     evil = evil_file(tmp_path / "evil.ckpt", marker)
@@ -167,7 +167,7 @@ def test_our_checkpoints_and_the_committed_teacher_load_weights_only(tmp_path):
 def test_an_older_checkpoints_numpy_rng_state_still_restores(tmp_path):
     import numpy as np
 
-    from compress_lit.resume import restore_rng_states
+    from compress_lit.runtime.resume import restore_rng_states
 
     np.random.seed(5)
     state = np.random.get_state()  # a uint32 array: what checkpoints before this version stored
@@ -191,7 +191,7 @@ def test_a_truncated_or_foreign_resume_file_is_one_line(tmp_path):
     _one_line_error(proc, f"resume={trunc}", "not a readable checkpoint")
     foreign = tmp_path / "weights.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, foreign)
-    from compress_lit.resume import read_resume_checkpoint
+    from compress_lit.runtime.resume import read_resume_checkpoint
 
     with pytest.raises(UnreadableFileError, match="not a Lightning checkpoint"):
         read_resume_checkpoint(foreign)
@@ -248,7 +248,7 @@ def test_resume_auto_with_another_config_or_teacher_changes_nothing(tmp_path):
 
 
 def test_a_dangling_or_missing_last_ckpt_resumes_from_the_epoch_checkpoint(tmp_path):
-    from compress_lit.resume import own_checkpoint
+    from compress_lit.runtime.resume import own_checkpoint
 
     run_dir = tmp_path / "runs" / "d"
     assert _run(tmp_path, "train", run_dir, "optim.epochs=1", "data.train_subset=128").returncode == 0
@@ -316,7 +316,7 @@ def test_a_huge_learning_rate_stops_at_the_step_in_one_line_and_keeps_no_poisone
 
 
 def test_a_checkpoint_holding_inf_is_never_written(tmp_path):
-    from compress_lit.nonfinite import NonFiniteError, WeightWatch
+    from compress_lit.runtime.nonfinite import NonFiniteError, WeightWatch
 
     class T:
         global_step, current_epoch = 7, 1
@@ -330,7 +330,7 @@ def test_a_checkpoint_holding_inf_is_never_written(tmp_path):
 
 
 def test_the_step_watch_names_the_poisoned_buffer():
-    from compress_lit.nonfinite import NonFiniteError, WeightWatch
+    from compress_lit.runtime.nonfinite import NonFiniteError, WeightWatch
 
     module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
 
@@ -350,7 +350,7 @@ def test_disk_full_during_a_checkpoint_write_is_one_line_with_the_free_space(tmp
     import shutil
     from collections import namedtuple
 
-    from compress_lit.safety import AtomicCheckpointIO, DiskFullError
+    from compress_lit.runtime.safety import AtomicCheckpointIO, DiskFullError
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"

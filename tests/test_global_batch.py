@@ -10,10 +10,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from compress_lit.config import ConfigError, validate_train
+from compress_lit.runtime.config import ConfigError, validate_train
 from compress_lit.data import build_datamodule
-from compress_lit.distributed import apply_batch_plan, per_process_batch, plan_batch
-from compress_lit.train import CONF_DIR, build_trainer, run_train
+from compress_lit.runtime.distributed import apply_batch_plan, per_process_batch, plan_batch
+from compress_lit.train import CONF_DIR
+from compress_lit.training.run import build_trainer, run_train
 
 
 def cfg_of(*overrides):
@@ -62,7 +63,7 @@ def test_each_process_loads_its_share():
 def test_uneven_split_fails_before_any_data_is_read(tmp_path, monkeypatch):
     cfg = cfg_of("trainer=cpu", "trainer.devices=2", "+trainer.strategy=ddp", "data.batch_size=63",
                  "teacher.format=random", "teacher.pretrain_if_missing=false")
-    import compress_lit.train as train_mod
+    import compress_lit.training.run as train_mod
 
     def no_data(*a, **k):
         raise AssertionError("data was read")

@@ -9,8 +9,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from compress_lit.anchor_queue import AnchorQueue
-from compress_lit.nonfinite import LossWatch, WeightWatch
+from compress_lit.methods.anchor_queue import AnchorQueue
+from compress_lit.runtime.nonfinite import LossWatch, WeightWatch
 from test_methods import VARIANTS, FixedBatch, make_module
 
 SYNCING = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy")

@@ -7,8 +7,8 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from compress_lit.config import LoggerConfig
-from compress_lit.loggers import build_logger, resolve_wandb_mode, wandb_credentials_present
+from compress_lit.runtime.config import LoggerConfig
+from compress_lit.runtime.loggers import build_logger, resolve_wandb_mode, wandb_credentials_present
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from compress_lit.loss import CompReSSLoss, compress_loss
+from compress_lit.losses.compress import CompReSSLoss, compress_loss
 
 
 def _hand_kl(s, t, a_s, a_t, T_t, T_s):

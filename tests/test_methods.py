@@ -7,11 +7,11 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from compress_lit.config import ConfigError, OptimConfig
-from compress_lit.loss import compress_loss
+from compress_lit.runtime.config import ConfigError, OptimConfig
+from compress_lit.losses.compress import compress_loss
 from compress_lit.methods import CompReSS
 from compress_lit.models import build_backbone
-from compress_lit.teacher import FrozenTeacher
+from compress_lit.teachers import FrozenTeacher
 
 VARIANTS = {
     "compress_2q": dict(use_momentum_encoder=True, one_queue=False),

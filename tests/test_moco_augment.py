@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from compress_lit.config import DataConfig
+from compress_lit.runtime.config import DataConfig
 from compress_lit.data.transforms import TensorAugment, blur_kernel_size, blur_sigma, train_transform
 
 

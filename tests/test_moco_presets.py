@@ -8,10 +8,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from compress_lit.config import ConfigError, register_configs, validate_pretrain
+from compress_lit.runtime.config import ConfigError, register_configs, validate_pretrain
 from compress_lit.data.transforms import train_transform
 from compress_lit.methods import MoCoV2
-from compress_lit.train import build_student
+from compress_lit.methods.build import build_student
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from compress_lit.config import OptimConfig
+from compress_lit.runtime.config import OptimConfig
 from compress_lit.methods import MoCoV2
 from compress_lit.methods.moco import auto_bn_splits, encode_in_groups
 

@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 import compress_lit.evaluate  # noqa: F401 - registers the evaluation schemas
 import compress_lit.export  # noqa: F401
 import compress_lit.reproduce  # noqa: F401
-from compress_lit import startup
-from compress_lit.config import ConfigError, register_configs, warn_queue_vs_data, warn_unused_settings
+from compress_lit.runtime import startup
+from compress_lit.runtime.config import ConfigError, register_configs, warn_queue_vs_data, warn_unused_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -39,8 +39,8 @@ class DataWasRead(AssertionError):
 @pytest.fixture
 def no_data(monkeypatch):
     """Any data read fails the test: the checks must come first."""
-    import compress_lit.pretrain as pretrain
-    import compress_lit.train as train
+    import compress_lit.training.pretrain as pretrain
+    import compress_lit.training.run as train
 
     def boom(*a, **k):
         raise DataWasRead("data were read before the start-up checks")
@@ -66,7 +66,7 @@ def _cli(module, args, tmp_path, **env):
 @pytest.mark.parametrize("trainer", ["gpu", "ddp"])
 def test_gpu_trainer_without_a_gpu_is_refused_before_any_data(trainer, tmp_path, no_gpu, no_data):
     from compress_lit.pretrain import run_pretrain
-    from compress_lit.train import run_train
+    from compress_lit.training.run import run_train
 
     expected = r"trainer\.accelerator=gpu but no CUDA GPU is visible: use trainer=cpu or trainer=default"
     with pytest.raises(ConfigError, match=expected):
@@ -102,7 +102,7 @@ def test_queue_larger_than_the_training_set_is_warned_naming_the_key(caplog):
 
 
 def test_train_warns_about_the_queue_once_the_data_are_loaded(tmp_path, monkeypatch, caplog):
-    import compress_lit.train as train
+    import compress_lit.training.run as train
 
     class Stop(Exception):
         pass
@@ -139,7 +139,7 @@ def test_momentum_without_a_momentum_student_is_warned(overrides, warned, caplog
 # ------------------------------------------------------------------------------ 4. messages, not tracebacks
 def test_resume_of_a_missing_checkpoint_fails_at_start_up(tmp_path, no_data):
     from compress_lit.pretrain import run_pretrain
-    from compress_lit.train import run_train
+    from compress_lit.training.run import run_train
 
     missing = tmp_path / "nonexistent.ckpt"
     expected = f"resume={missing}: no checkpoint at {missing}"
@@ -152,7 +152,7 @@ def test_resume_of_a_missing_checkpoint_fails_at_start_up(tmp_path, no_data):
 
 
 def test_missing_teacher_file_is_named_before_any_data(tmp_path, no_data):
-    from compress_lit.train import run_train
+    from compress_lit.training.run import run_train
 
     missing = tmp_path / "moco.pth.tar"
     with pytest.raises(ConfigError, match=f"teacher.checkpoint={missing}: no such teacher checkpoint file"):
@@ -171,7 +171,7 @@ def test_evaluate_without_checkpoint_is_one_line_naming_the_key(tmp_path):
 @pytest.mark.parametrize("entry", ["evaluate", "linear", "export"])
 def test_every_checkpoint_entry_names_a_missing_checkpoint_key(entry, tmp_path):
     from compress_lit.evaluate import run_evaluate
-    from compress_lit.export import run_export
+    from compress_lit.exporting.run import run_export
     from compress_lit.linear import run_linear
 
     run = {"evaluate": run_evaluate, "linear": run_linear, "export": run_export}[entry]
@@ -192,12 +192,11 @@ def test_a_missing_checkpoint_file_is_named_with_its_key(entry, tmp_path):
 
 
 def test_reproduce_names_a_failed_step_without_a_traceback(tmp_path, monkeypatch):
-    from compress_lit import reproduce
-
-    monkeypatch.setattr(reproduce.subprocess, "run", lambda cmd, **k: SimpleNamespace(returncode=1))
+    from compress_lit.reproduction import run as rp, runs as rp_runs
+    monkeypatch.setattr(rp_runs.subprocess, "run", lambda cmd, **k: SimpleNamespace(returncode=1))
     cfg = _cfg("reproduce", "reproduce_preset=quick", f"out_dir={tmp_path}")
-    with pytest.raises(reproduce.StepFailed, match=r"^step teacher failed \(exit status 1; its message is above\)"):
-        reproduce.run_reproduce(cfg)
+    with pytest.raises(rp_runs.StepFailed, match=r"^step teacher failed \(exit status 1; its message is above\)"):
+        rp.run_reproduce(cfg)
 
 
 def test_report_of_a_missing_run_dir_is_one_line(tmp_path, capsys):
@@ -222,8 +221,8 @@ def _fake_run(run_dir: Path, config: dict, log_handler=False):
 
 
 def test_resume_auto_continues_in_the_original_run_directory(tmp_path):
-    from compress_lit.loggers import build_logger
-    from compress_lit.resume import prepare_resume
+    from compress_lit.runtime.loggers import build_logger
+    from compress_lit.runtime.resume import prepare_resume
 
     original, fresh = tmp_path / "outputs" / "train" / "d" / "t1", tmp_path / "outputs" / "train" / "d" / "t2"
     _fake_run(original, {"seed": 0, "resume": None})
@@ -274,7 +273,7 @@ def test_resume_auto_continues_in_the_original_run_directory(tmp_path):
 
 
 def test_resume_auto_without_an_earlier_run_starts_fresh_in_its_own_dir(tmp_path):
-    from compress_lit.resume import prepare_resume
+    from compress_lit.runtime.resume import prepare_resume
 
     fresh = tmp_path / "outputs" / "train" / "d" / "t2"
     _fake_run(fresh, {"seed": 0, "resume": "auto"})
@@ -377,7 +376,7 @@ def test_loader_workers_are_capped_at_the_cpus_once(monkeypatch, caplog):
 
 
 def test_wandb_offline_line_says_why():
-    from compress_lit.loggers import wandb_mode_message
+    from compress_lit.runtime.loggers import wandb_mode_message
 
     auto = wandb_mode_message("auto", "offline")
     assert auto.startswith("W&B runs offline: no W&B credentials were found") and "logger.mode" not in auto
@@ -386,7 +385,7 @@ def test_wandb_offline_line_says_why():
 
 
 def test_confusion_title_names_the_seed_and_the_mean():
-    from compress_lit.evaluate import confusion_title
+    from compress_lit.evaluation.run import confusion_title
 
     res = SimpleNamespace(seeds=[0, 1, 2, 3, 4], accs=[78.61, 70, 75, 80, 68.6], acc_mean=74.44, acc_std=5.42)
     title = confusion_title(res)

@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from compress_lit.config import ConfigError, register_configs
+from compress_lit.runtime.config import ConfigError, register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -120,8 +120,11 @@ def test_ctrl_c_during_the_teachers_pretraining_is_one_line_and_the_next_run_con
             "trainer.enable_progress_bar=false", "eval.at_end=false", "optim.epochs=1",
             "teacher.pretrain_args=['pretrain_experiment=demo_teacher','student.width_multiplier=0.25',"
             "'data.train_subset=256','optim.epochs=12','eval.at_end=false','trainer.enable_model_summary=false']"]
+    # SIGINT reset to its default in the child: a test run started in the background (CI scripts, `&`) inherits an
+    # ignored SIGINT, and a Python started with SIGINT ignored never turns it into KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "compress_lit.train", *args], cwd=tmp_path, env=_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pre = tmp_path / "outputs" / "pretrain"
     _wait(lambda: any(pre.glob("*/*/checkpoints/last.ckpt")), proc)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group: train and its pretraining
@@ -179,7 +182,7 @@ def test_busy_cores_measures_another_process():
 
 # -------------------------------------------------------------------- 3. every missing piece at once
 def test_the_headline_command_reports_every_missing_piece_with_a_complete_command():
-    from compress_lit.train import check_train_startup
+    from compress_lit.training.checks import check_train_startup
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="train", overrides=["teacher=resnet50x4", "student=alexnet"])
@@ -218,7 +221,7 @@ def test_hydra_errors_are_one_line_pointing_at_the_fix(tmp_path, arg, line):
 
 
 def test_a_quoted_value_with_equals_signs_reaches_the_run(tmp_path):
-    from compress_lit.startup import hydra_error_line  # noqa: F401 - the shaping is only for errors
+    from compress_lit.runtime.startup import hydra_error_line  # noqa: F401 - the shaping is only for errors
 
     proc = _cli("compress_lit.train", ["teacher.checkpoint='/nowhere/epoch=0-step=22.ckpt'",
                                        "teacher.format=compress_lit", "teacher.pretrain_if_missing=false"],

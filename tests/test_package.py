@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from compress_lit.paths import config_dir, config_dir_candidates
+from compress_lit.runtime.paths import config_dir, config_dir_candidates
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_wheel_installed_in_a_fresh_venv_runs_from_another_folder(tmp_path):
     # 3. the installed copy, run from an unrelated folder
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    out = _run([python, "-c", "import compress_lit, compress_lit.paths as p; print(compress_lit.__file__); "
+    out = _run([python, "-c", "import compress_lit, compress_lit.runtime.paths as p; print(compress_lit.__file__); "
                               "print(p.config_dir())"], elsewhere, env).split()
     installed = Path(purelib) / "compress_lit"
     assert out == [str(installed / "__init__.py"), str(installed / "conf")]

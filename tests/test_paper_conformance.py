@@ -7,8 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from compress_lit.config import validate_pretrain, validate_train
-from compress_lit.distributed import plan_batch
+from compress_lit.runtime.config import validate_pretrain, validate_train
+from compress_lit.runtime.distributed import plan_batch
 from compress_lit.train import CONF_DIR
 
 # ---- the paper's settings (docs/paper.md) ---------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from compress_lit.config import ConfigError
+from compress_lit.runtime.config import ConfigError
 from compress_lit.evaluation.features import pooled_grid, vectorize
 from compress_lit.models import build_backbone
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from compress_lit import precision as pr
-from compress_lit import reproduce as rp
-from compress_lit import startup
-from compress_lit.config import ConfigError, register_configs, validate_train
-from compress_lit.precision import CPUInfo
-from compress_lit.run_records import load_progress, recorded_precision
+from compress_lit.runtime import precision as pr
+from compress_lit.reproduction import run as rp, runs as rp_runs, tables as rp_tables
+from compress_lit.runtime import startup
+from compress_lit.runtime.config import ConfigError, register_configs, validate_train
+from compress_lit.runtime.precision import CPUInfo
+from compress_lit.reproduction.records import load_progress, recorded_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -176,7 +176,7 @@ def test_the_slowdown_measurement_is_short_and_positive():
 def test_an_avx2_capped_process_resolves_auto_to_fp32_and_measures_emulated_bf16_as_slower():
     """Not mocked: a process whose oneDNN is capped at AVX2 (what an AVX2-only CPU runs) picks 32-true, and its
     start-up measurement finds bf16 autocast slower than fp32 there."""
-    code = ("from compress_lit.precision import choose_precision, measure_bf16_slowdown; "
+    code = ("from compress_lit.runtime.precision import choose_precision, measure_bf16_slowdown; "
             "print(choose_precision('auto', 'cpu').precision, measure_bf16_slowdown())")
     env = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
@@ -206,7 +206,7 @@ def test_presets_use_auto_except_the_checked_demo():
 
 
 def test_the_trainer_gets_the_resolved_precision(cpu, tmp_path):
-    from compress_lit.train import build_trainer
+    from compress_lit.training.run import build_trainer
 
     for info, expected in ((XEON, "bf16-mixed"), (ZEN2, "32-true")):
         cpu(info)
@@ -217,7 +217,7 @@ def test_the_trainer_gets_the_resolved_precision(cpu, tmp_path):
 
 
 def test_the_in_training_cache_build_uses_autocast_only_where_auto_picks_bf16(cpu):
-    from compress_lit.cache_features import local_device_and_autocast
+    from compress_lit.teachers.cache_config import local_device_and_autocast
 
     cpu(XEON)
     device, autocast = local_device_and_autocast({"accelerator": "cpu", "precision": "auto"})
@@ -231,8 +231,8 @@ def test_the_in_training_cache_build_uses_autocast_only_where_auto_picks_bf16(cp
 @pytest.mark.parametrize("entry", ["train", "pretrain"])
 def test_a_run_records_the_precision_it_runs_in_before_its_logger_and_trainer_exist(cpu, monkeypatch, tmp_path,
                                                                                       entry, caplog):
-    import compress_lit.pretrain as pretrain
-    import compress_lit.train as train
+    import compress_lit.training.pretrain as pretrain
+    import compress_lit.training.run as train
 
     class Stop(Exception):
         pass
@@ -286,17 +286,17 @@ def _committed_records():
 
 
 def _full_run_names(ident):
-    steps = rp.plan_steps(_preset("full"), Path("results/teacher/full_teacher.ckpt"), ident)
-    return [f"{s.tag}-{rp.step_key(s.module, s.args, s.teacher)}" for s in steps]
+    steps = rp_runs.plan_steps(_preset("full"), Path("results/teacher/full_teacher.ckpt"), ident)
+    return [f"{s.tag}-{rp_runs.step_key(s.module, s.args, s.teacher)}" for s in steps]
 
 
 def _calibration_run_names(ident):
     cfg, ckpt, names = _preset("calibrate"), Path("results/teacher/full_teacher.ckpt"), set()
     for c in cfg.candidates:
         for seed in cfg.seeds:
-            module, args = rp.step_command(cfg, c.student, c.method, seed, ckpt, tuple(c.overrides))
-            names.add(f"calibrate-{c.student}-{c.method}-{rp._hash(list(c.overrides))}-s{seed}-"
-                      f"{rp.step_key(module, args, ident)}")
+            module, args = rp_runs.step_command(cfg, c.student, c.method, seed, ckpt, tuple(c.overrides))
+            names.add(f"calibrate-{c.student}-{c.method}-{rp_runs._hash(list(c.overrides))}-s{seed}-"
+                      f"{rp_runs.step_key(module, args, ident)}")
     return names
 
 
@@ -322,8 +322,8 @@ def test_a_finished_step_records_the_precision_it_ran_in(tmp_path, monkeypatch):
         (run_dir / "results.json").write_text(json.dumps({"student (x)": {"1-NN": 50.0}}))
         return types.SimpleNamespace(returncode=0)
 
-    monkeypatch.setattr(rp.subprocess, "run", fake_run)
-    run_dir, _ = rp._run_step("compress_lit.train", ["seed=1", "trainer.precision=32-true"], tmp_path, "t", dry=False)
+    monkeypatch.setattr(rp_runs.subprocess, "run", fake_run)
+    run_dir, _ = rp_runs._run_step("compress_lit.train", ["seed=1", "trainer.precision=32-true"], tmp_path, "t", dry=False)
     assert json.loads((run_dir / "step.json").read_text())["precision"] == "32-true"
     assert recorded_precision(run_dir) == "32-true"
     old = tmp_path / "old"  # a record from before precision was kept: its command says it
@@ -338,8 +338,8 @@ def test_the_table_states_the_precision_its_runs_ran_in(tmp_path):
     runs = tmp_path / "runs"
     steps, results = [], []
     for i, p in enumerate(["bf16-mixed", "bf16-mixed", "32-true"]):
-        st = rp.Step(f"s{i}", "compress_lit.train", [f"seed={i}", f"trainer.precision={p}"], True)
-        d = runs / f"{st.tag}-{rp.step_key(st.module, st.args)}"
+        st = rp_runs.Step(f"s{i}", "compress_lit.train", [f"seed={i}", f"trainer.precision={p}"], True)
+        d = runs / f"{st.tag}-{rp_runs.step_key(st.module, st.args)}"
         d.mkdir(parents=True)
         (d / "results.json").write_text("{}")
         (d / "step.json").write_text(json.dumps({"seconds": 1, "command": "c", "precision": p}))
@@ -348,7 +348,7 @@ def test_the_table_states_the_precision_its_runs_ran_in(tmp_path):
     assert rp.precision_note(steps[:2], results[:2], runs) == "bf16-mixed (all 2 runs, as each run's record states)"
     note = rp.precision_note(steps, results, runs)
     assert note == "32-true: 1 runs; bf16-mixed: 2 runs (as each run's record states)"
-    md = rp.markdown_table({}, {"data": "d", "command": "c", "teacher": "t", "student_args": "s", "seeds": [0],
+    md = rp_tables.markdown_table({}, {"data": "d", "command": "c", "teacher": "t", "student_args": "s", "seeds": [0],
                                 "precision": note})
     assert f"Precision: {note}." in md
 
@@ -362,10 +362,10 @@ def test_the_fp32_preset_reruns_the_alexnet_compress_rows_with_only_the_precisio
     cpu(XEON)
     ckpt = Path("results/teacher/full_teacher.ckpt")
     fp32, full = _preset("fp32"), _preset("full")
-    steps = rp.plan_steps(fp32, ckpt, "aa" * 32)
+    steps = rp_runs.plan_steps(fp32, ckpt, "aa" * 32)
     assert [s.tag for s in steps] == [f"alexnet_small-{m}-s{s}" for m in ("compress_2q", "compress_1q")
                                       for s in (0, 1, 2)]
-    table = {s.tag: s for s in rp.plan_steps(full, ckpt, "aa" * 32)}
+    table = {s.tag: s for s in rp_runs.plan_steps(full, ckpt, "aa" * 32)}
     for st in steps:
         same = table[st.tag]
         changed = [(a, b) for a, b in zip(same.args, st.args) if a != b]

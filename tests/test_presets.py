@@ -7,10 +7,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from compress_lit.config import register_configs, validate_train
-from compress_lit.teacher import FrozenTeacher
+from compress_lit.runtime.config import register_configs, validate_train
+from compress_lit.teachers import FrozenTeacher
 from compress_lit.models import build_backbone
-from compress_lit.train import build_method, build_student
+from compress_lit.methods.build import build_method, build_student
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # the CompReSS presets (the CC baseline's, cc_*, have their own hyperparameters: tests/test_cc_presets.py)

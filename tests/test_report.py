@@ -17,9 +17,11 @@ import yaml
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, TensorDataset
 
-from compress_lit import report, reporting
-from compress_lit.config import register_configs
-from compress_lit.train import build_trainer
+from compress_lit.reporting import end_of_run as reporting
+from compress_lit.reporting import report
+import compress_lit.report as report_command
+from compress_lit.runtime.config import register_configs
+from compress_lit.training.run import build_trainer
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 register_configs()
@@ -110,7 +112,7 @@ def test_single_run_markdown_has_config_results_and_pictures(tmp_path):
 
 def test_html_is_self_contained_with_embedded_pngs(tmp_path):
     run = fake_run(tmp_path / "run", pictures=("cluster_grid.png", "learning_curves.png"))
-    assert report.main([str(run), "--out", str(tmp_path / "r.md"), "--html"]) == 0
+    assert report_command.main([str(run), "--out", str(tmp_path / "r.md"), "--html"]) == 0
     page = (tmp_path / "r.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "97.50" in page and "76.28 ± 12.0" in page
     assert "<code>compress_2q</code>" not in page and "compress_2q" in page
@@ -204,8 +206,8 @@ def test_history_callback_then_end_of_run_without_a_logger(tmp_path):
 
 
 def test_results_reach_the_csv_logger(tmp_path):
-    from compress_lit.config import LoggerConfig
-    from compress_lit.loggers import build_logger
+    from compress_lit.runtime.config import LoggerConfig
+    from compress_lit.runtime.loggers import build_logger
     from omegaconf import OmegaConf
 
     logger = build_logger(OmegaConf.structured(LoggerConfig(name="csv")), tmp_path)

@@ -3,7 +3,8 @@ aggregates seeds into mean ± std in the paper's layout."""
 import json
 import math
 
-from compress_lit.reproduce import _hash, _run_step, aggregate, markdown_table
+from compress_lit.reproduction.runs import _hash, _run_step
+from compress_lit.reproduction.tables import aggregate, markdown_table
 
 
 def test_step_is_reused_when_its_results_exist(tmp_path, capsys):
@@ -41,7 +42,7 @@ def _preset(name="full", **over):
 def test_cached_methods_read_the_teacher_cache_and_the_others_do_not():
     from pathlib import Path
 
-    from compress_lit.reproduce import step_command
+    from compress_lit.reproduction.runs import step_command
 
     cfg = _preset()
     ckpt = Path("results/teacher/full_teacher.ckpt")
@@ -58,7 +59,7 @@ def test_cached_methods_read_the_teacher_cache_and_the_others_do_not():
 def test_ablation_points_vary_one_setting_at_a_time_and_share_the_centre_with_the_table():
     from pathlib import Path
 
-    from compress_lit.reproduce import ablation_points, step_command
+    from compress_lit.reproduction.runs import ablation_points, step_command
 
     cfg = _preset()
     ab = cfg.ablation
@@ -84,8 +85,7 @@ def test_ablation_table_layout(tmp_path, monkeypatch):
     """run_ablation on finished runs: rows sorted by value, the centre in both tables, mean ± std over seeds."""
     from pathlib import Path
 
-    from compress_lit import reproduce as rp
-
+    from compress_lit.reproduction import runs as rp_runs, settings as rp_settings
     cfg = _preset(out_dir=str(tmp_path), **{"ablation.seeds": "[0,1]", "ablation.temperatures": "[0.1,0.04]",
                                             "ablation.queue_sizes": "[4096,1024]"})
     scores = {("0.04", "4096"): 80.0, ("0.1", "4096"): 70.0, ("0.04", "1024"): 75.0}
@@ -95,10 +95,10 @@ def test_ablation_table_layout(tmp_path, monkeypatch):
         q = [a.split("=")[1] for a in args if a.startswith("method.queue_size=")][-1]
         seed = int(next(a.split("=")[1] for a in args if a.startswith("seed=")))
         v = scores[(t, q)] + seed  # seeds 0, 1 -> mean +0.5, std sqrt(0.5)
-        return runs / tag, {"student": {m: v for m in rp.METRICS}}
+        return runs / tag, {"student": {m: v for m in rp_settings.METRICS}}
 
-    monkeypatch.setattr(rp, "_run_step", fake_step)
-    table = rp.run_ablation(cfg, tmp_path, Path("t.ckpt"), tmp_path)
+    monkeypatch.setattr(rp_runs, "_run_step", fake_step)
+    table = rp_runs.run_ablation(cfg, tmp_path, Path("t.ckpt"), tmp_path)
     temp, queue = table.values()
     assert list(temp) == ["T=0.04", "T=0.1"] and list(queue) == ["queue=1024", "queue=4096"]
     assert temp["T=0.04"]["1-NN"][:2] == [80.5, math.sqrt(0.5)] and queue["queue=4096"] == temp["T=0.04"]
@@ -112,8 +112,9 @@ def test_the_family_methods_are_rows_under_the_same_teacher_budget_and_seeds():
     DisCo (two views per image) runs the teacher itself."""
     from pathlib import Path
 
-    from compress_lit.precision import command_precision
-    from compress_lit.reproduce import METHOD_LABELS, step_command
+    from compress_lit.runtime.precision import command_precision
+    from compress_lit.reproduction.runs import step_command
+    from compress_lit.reproduction.settings import METHOD_LABELS
 
     for name in ("full", "quick"):
         cfg = _preset(name)
@@ -138,8 +139,7 @@ def test_the_family_methods_are_rows_under_the_same_teacher_budget_and_seeds():
 
 
 def test_the_quick_table_has_a_row_per_family_method(tmp_path, monkeypatch):
-    from compress_lit import reproduce as rp
-
+    from compress_lit.reproduction import run as rp, runs as rp_runs, settings as rp_settings
     cfg = _preset("quick", out_dir=str(tmp_path))
     (tmp_path / "teacher").mkdir()
     import torch
@@ -149,10 +149,10 @@ def test_the_quick_table_has_a_row_per_family_method(tmp_path, monkeypatch):
 
     def fake_step(module, args, runs, tag, dry, *a, **k):
         method = next((a.split("=")[1] for a in args if a.startswith("method=")), "moco_scratch")
-        return runs / tag, {"student": {m: score.get(method, 70.0) for m in rp.METRICS}}
+        return runs / tag, {"student": {m: score.get(method, 70.0) for m in rp_settings.METRICS}}
 
-    monkeypatch.setattr(rp, "_run_step", fake_step)
-    monkeypatch.setattr(rp, "build_teacher_cache", lambda step, runs: None)
+    monkeypatch.setattr(rp_runs, "_run_step", fake_step)
+    monkeypatch.setattr(rp_runs, "build_teacher_cache", lambda step, runs: None)
     table = rp.run_reproduce(cfg)["resnet18_small"]
     assert [table[label]["1-NN"][0] for label in ("SEED", "SimReg", "DisCo")] == [68.0, 69.0, 70.0]
     md = (tmp_path / "table1_fashion_mnist_quick.md").read_text()
@@ -164,7 +164,7 @@ def test_the_teacher_check_reads_the_released_teacher_as_a_teacher(tmp_path):
     preset's format and architecture, not as a training checkpoint (which would need its config)."""
     from omegaconf import OmegaConf
 
-    from compress_lit.reproduce import teacher_model_args
+    from compress_lit.reproduction.run import teacher_model_args
 
     cfg = OmegaConf.create({"teacher_overrides": ["teacher=fashion_mnist"]})
     assert teacher_model_args(cfg) == ["model_format=compress_lit", "model.arch=convnet", "model.name=fashion_mnist",

@@ -12,8 +12,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from compress_lit import reproduce as rp
-from compress_lit.config import DataConfig
+from compress_lit.reproduction import run as rp
+from compress_lit.reproduction import runs as rp_runs
+from compress_lit.reproduction import settings as rp_settings
+from compress_lit.reproduction import tables as rp_tables
+from compress_lit.reproduction import teacher as rp_teacher
+from compress_lit.runtime.config import DataConfig
 from compress_lit.data import DatasetError, build_datamodule
 from compress_lit.evaluation.pixels import RawPixels
 from compress_lit.models import build_backbone
@@ -108,7 +112,7 @@ def test_eval_full_train_1nn_equals_an_independent_one_on_the_whole_split():
 def test_holdout_is_a_start_up_error_when_not_positive():
     from hydra import compose, initialize_config_dir
 
-    from compress_lit.config import ConfigError, validate_train
+    from compress_lit.runtime.config import ConfigError, validate_train
     from compress_lit.train import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -163,7 +167,7 @@ def _fake_teacher_step(calls):
 
 def test_teacher_is_built_once_recorded_by_hash_reused_and_a_changed_file_refused(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(rp, "_run_step", _fake_teacher_step(calls))
+    monkeypatch.setattr(rp_runs, "_run_step", _fake_teacher_step(calls))
     cfg = _preset(out_dir=str(tmp_path))
     ckpt, res = rp.ensure_teacher(cfg, tmp_path)
     manifest = json.loads((tmp_path / "teacher" / "full_teacher.json").read_text())
@@ -173,7 +177,7 @@ def test_teacher_is_built_once_recorded_by_hash_reused_and_a_changed_file_refuse
     assert manifest["command"].startswith("python -m compress_lit.pretrain pretrain_experiment=fashion_mnist_teacher")
     assert rp.ensure_teacher(cfg, tmp_path)[1] == res and len(calls) == 1  # reused, not rebuilt
     ckpt.write_bytes(b"someone else's weights")
-    with pytest.raises(rp.StepFailed, match=r"does not match the SHA-256 recorded in .*full_teacher.json"):
+    with pytest.raises(rp_runs.StepFailed, match=r"does not match the SHA-256 recorded in .*full_teacher.json"):
         rp.ensure_teacher(cfg, tmp_path)
     ckpt.unlink()  # missing: rebuilt
     rp.ensure_teacher(cfg, tmp_path)
@@ -181,7 +185,7 @@ def test_teacher_is_built_once_recorded_by_hash_reused_and_a_changed_file_refuse
     # the calibration borrows the full preset's teacher and never builds one
     cal = _preset("calibrate", out_dir=str(tmp_path))
     assert rp.ensure_teacher(cal, tmp_path)[0] == ckpt and len(calls) == 2
-    with pytest.raises(rp.StepFailed, match="make reproduce-teacher first"):
+    with pytest.raises(rp_runs.StepFailed, match="make reproduce-teacher first"):
         rp.ensure_teacher(cal, tmp_path / "elsewhere")
 
 
@@ -193,14 +197,14 @@ def test_weights_hash_ignores_what_lightning_stores_beside_the_weights(tmp_path)
     torch.save({"state_dict": {"net.w": w[0], "net.n": w[1]}, "callbacks": {"dirpath": "/checkout/one"}}, a)
     torch.save({"state_dict": {"net.n": w[1], "net.w": w[0]}, "callbacks": {"dirpath": "/another/checkout"}}, b)
     torch.save({"state_dict": {"net.w": torch.tensor([[1.0, -2.5]]), "net.n": w[1]}}, c)
-    assert rp._sha256(a) != rp._sha256(b)  # the files differ (the run's path) ...
-    assert rp.weights_sha256(a) == rp.weights_sha256(b)  # ... the weights do not
-    assert rp.weights_sha256(c) != rp.weights_sha256(a)  # one changed number is another teacher
+    assert rp_teacher._sha256(a) != rp_teacher._sha256(b)  # the files differ (the run's path) ...
+    assert rp_teacher.weights_sha256(a) == rp_teacher.weights_sha256(b)  # ... the weights do not
+    assert rp_teacher.weights_sha256(c) != rp_teacher.weights_sha256(a)  # one changed number is another teacher
     # by hand: name, dtype, shape, then the raw bytes (little-endian), keys in sorted order
     h = hashlib.sha256()
     h.update(b"net.n\0torch.int64\0(1,)\0" + (3).to_bytes(8, "little"))
     h.update(b"net.w\0torch.float32\0(1, 2)\0" + np.array([1.0, -2.0], "<f4").tobytes())
-    assert rp.weights_sha256(a) == h.hexdigest()
+    assert rp_teacher.weights_sha256(a) == h.hexdigest()
 
 
 def test_the_released_teacher_is_its_backbone_with_the_same_weights_hash_and_loads_as_a_teacher(tmp_path):
@@ -214,12 +218,12 @@ def test_the_released_teacher_is_its_backbone_with_the_same_weights_hash_and_loa
             "epoch": 19, "global_step": 4680}
     ckpt = tmp_path / "full_teacher.ckpt"
     torch.save(full, ckpt)
-    before, size = rp.weights_sha256(ckpt), ckpt.stat().st_size
-    rp.release_teacher(ckpt)
+    before, size = rp_teacher.weights_sha256(ckpt), ckpt.stat().st_size
+    rp_teacher.release_teacher(ckpt)
     rel = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert set(rel) == {"state_dict", "epoch", "global_step"} and rel["global_step"] == 4680
     assert sorted(rel["state_dict"]) == sorted(sd) and all(torch.equal(rel["state_dict"][k], sd[k]) for k in sd)
-    assert ckpt.stat().st_size < size and rp.weights_sha256(ckpt) == before  # the same teacher
+    assert ckpt.stat().st_size < size and rp_teacher.weights_sha256(ckpt) == before  # the same teacher
     fresh = build_backbone("convnet", small_input=True, width_multiplier=0.25)
     mapped = {dst: v for _, dst, v in map_compress_lit(rel, fresh) if dst is not None}
     fresh.load_state_dict(mapped)  # every backbone weight, nothing else
@@ -227,45 +231,45 @@ def test_the_released_teacher_is_its_backbone_with_the_same_weights_hash_and_loa
     # training state beside the backbone is not the teacher; a backbone weight is
     full["state_dict"]["queue"] = torch.zeros(8, 4)
     torch.save(full, tmp_path / "other_queue.ckpt")
-    assert rp.weights_sha256(tmp_path / "other_queue.ckpt") == before
+    assert rp_teacher.weights_sha256(tmp_path / "other_queue.ckpt") == before
     first = next(iter(sd))
     full["state_dict"][first] = sd[first] + 1e-3
     torch.save(full, tmp_path / "other_weights.ckpt")
-    assert rp.weights_sha256(tmp_path / "other_weights.ckpt") != before
+    assert rp_teacher.weights_sha256(tmp_path / "other_weights.ckpt") != before
 
 
 def test_a_different_teacher_at_the_same_path_never_reuses_student_runs(tmp_path):
     cfg = _preset(out_dir=str(tmp_path))
-    one, two = rp.plan_steps(cfg, Path("t.ckpt"), "a" * 64), rp.plan_steps(cfg, Path("t.ckpt"), "b" * 64)
+    one, two = rp_runs.plan_steps(cfg, Path("t.ckpt"), "a" * 64), rp_runs.plan_steps(cfg, Path("t.ckpt"), "b" * 64)
     for s1, s2 in zip(one, two):
-        k1, k2 = rp.step_key(s1.module, s1.args, s1.teacher), rp.step_key(s2.module, s2.args, s2.teacher)
+        k1, k2 = rp_runs.step_key(s1.module, s1.args, s1.teacher), rp_runs.step_key(s2.module, s2.args, s2.teacher)
         assert s1.args == s2.args  # the command lines are the same: only the teacher's weights differ
         assert (k1 == k2) == (s1.method == "moco_scratch")  # MoCo from scratch never reads the teacher
     st = next(s for s in one if s.method == "compress_2q")
-    done = tmp_path / "runs" / f"{st.tag}-{rp.step_key(st.module, st.args, st.teacher)}" / "results.json"
+    done = tmp_path / "runs" / f"{st.tag}-{rp_runs.step_key(st.module, st.args, st.teacher)}" / "results.json"
     done.parent.mkdir(parents=True)
     done.write_text(json.dumps({"student (x)": {"1-NN": 70.0}}))
-    assert rp._run_step(st.module, st.args, tmp_path / "runs", st.tag, False, run=False, teacher="a" * 64)[1]
-    assert rp._run_step(st.module, st.args, tmp_path / "runs", st.tag, False, run=False, teacher="b" * 64)[1] is None
+    assert rp_runs._run_step(st.module, st.args, tmp_path / "runs", st.tag, False, run=False, teacher="a" * 64)[1]
+    assert rp_runs._run_step(st.module, st.args, tmp_path / "runs", st.tag, False, run=False, teacher="b" * 64)[1] is None
 
 
 def test_teacher_manifest_records_the_weights_hash(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(rp, "_run_step", _fake_teacher_step(calls))
+    monkeypatch.setattr(rp_runs, "_run_step", _fake_teacher_step(calls))
     cfg = _preset(out_dir=str(tmp_path))
     ckpt, _ = rp.ensure_teacher(cfg, tmp_path)
     mpath = tmp_path / "teacher" / "full_teacher.json"
     manifest = json.loads(mpath.read_text())
-    assert manifest["weights_sha256"] == rp.weights_sha256(ckpt) == rp.teacher_weights(cfg, tmp_path)
+    assert manifest["weights_sha256"] == rp_teacher.weights_sha256(ckpt) == rp_teacher.teacher_weights(cfg, tmp_path)
     del manifest["weights_sha256"]  # a manifest written before the weights hash: computed from the file
     mpath.write_text(json.dumps(manifest))
-    assert rp.teacher_weights(cfg, tmp_path) == rp.weights_sha256(ckpt)
-    assert rp.teacher_weights(_preset(out_dir=str(tmp_path / "none")), tmp_path / "none") == ""
+    assert rp_teacher.teacher_weights(cfg, tmp_path) == rp_teacher.weights_sha256(ckpt)
+    assert rp_teacher.teacher_weights(_preset(out_dir=str(tmp_path / "none")), tmp_path / "none") == ""
 
 
 def test_teacher_part_builds_only_the_teacher(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(rp, "_run_step", _fake_teacher_step(calls))
+    monkeypatch.setattr(rp_runs, "_run_step", _fake_teacher_step(calls))
     assert "teacher" in rp.run_reproduce(_preset(out_dir=str(tmp_path), part="teacher"))
     assert len(calls) == 1 and not list((tmp_path / "runs").iterdir())
 
@@ -296,8 +300,8 @@ def test_pixels_format_of_evaluate_equals_an_independent_numpy_evaluation(tmp_pa
     trn, ten = tr / np.linalg.norm(tr, axis=1, keepdims=True), te / np.linalg.norm(te, axis=1, keepdims=True)
     want = 100.0 * np.mean(ty[(ten @ trn.T).argmax(1)] == tey)
     assert res["knn"]["top1_k1"] == pytest.approx(want, abs=1e-6) and res["layer"] == "image"
-    from compress_lit.config import ConfigError
-    from compress_lit.evaluate import _check
+    from compress_lit.runtime.config import ConfigError
+    from compress_lit.evaluation.run import _check
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         bad = compose(config_name="evaluate", overrides=["model_format=pixels", "data=digits", "layer=conv1"])
@@ -306,19 +310,19 @@ def test_pixels_format_of_evaluate_equals_an_independent_numpy_evaluation(tmp_pa
 
 
 def test_teacher_bars_by_hand_on_both_probes():
-    from compress_lit.teacher_check import bars_lines, evaluate_row, teacher_bars
+    from compress_lit.reproduction.teacher_check import bars_lines, evaluate_row, teacher_bars
 
     row = evaluate_row({"knn": {"top1_k1": 86.0, "top5_k1": 99.0, "top1_k20": 85.0},
                         "cluster": {"acc_mean": 60.0, "acc_std": 2.0}, "linear": {"top1": 89.5}})
     assert row == {"1-NN": 86.0, "20-NN": 85.0, "cluster": 60.0, "cluster_std": 2.0, "linear": 89.5}
     check = {"args": ["data=x"], "num_train": 60000, "num_val": 10000, "teacher": row,
              "raw pixels": {"1-NN": 85.5, "linear": 84.5}}
-    bars = OmegaConf.structured(rp.TeacherBars())
-    table = {"alexnet_small": _rows(**{"raw pixels": 82.0, rp.TEACHER: 82.5, rp.SCRATCH: 70.0}),
-             "resnet18_small": _rows(**{"raw pixels": 82.0, rp.TEACHER: 82.5, rp.SCRATCH: 80.0})}
+    bars = OmegaConf.structured(rp_settings.TeacherBars())
+    table = {"alexnet_small": _rows(**{"raw pixels": 82.0, rp_tables.TEACHER: 82.5, rp_tables.SCRATCH: 70.0}),
+             "resnet18_small": _rows(**{"raw pixels": 82.0, rp_tables.TEACHER: 82.5, rp_tables.SCRATCH: 80.0})}
     table["alexnet_small"]["raw pixels"]["linear"] = [84.0, 0.0, 1]
-    table["alexnet_small"][rp.TEACHER]["linear"] = [87.0, 0.0, 1]
-    got = teacher_bars(check, table, bars, rp.TEACHER, rp.SCRATCH)
+    table["alexnet_small"][rp_tables.TEACHER]["linear"] = [87.0, 0.0, 1]
+    got = teacher_bars(check, table, bars, rp_tables.TEACHER, rp_tables.SCRATCH)
     assert [(b["need"], b["check"], b["check_ok"], b["table"], b["table_ok"]) for b in got] == [
         (4.0, 5.0, True, 3.0, False),  # linear: 89.5 - 84.5 on the check; 87 - 84 on the table
         (-1.0, 0.5, True, 0.5, True),  # 1-NN: 86 - 85.5; 82.5 - 82
@@ -344,7 +348,7 @@ def test_teacher_check_runs_teacher_and_pixels_per_teacher_hash_and_reaches_the_
                                 "linear": {"top1": top}}
         return runs / tag, None
 
-    monkeypatch.setattr(rp, "_run_step", fake)
+    monkeypatch.setattr(rp_runs, "_run_step", fake)
     cfg = _preset(out_dir=str(tmp_path), part="table", students="[alexnet_small]")
     rp.run_reproduce(cfg)
     assert [(r.name, t, a[0], run) for r, t, a, run in seen] == [
@@ -365,7 +369,7 @@ def test_teacher_check_runs_teacher_and_pixels_per_teacher_hash_and_reaches_the_
 # ------------------------------------------------------------------------------------- steps and references
 def test_supervised_runs_evaluate_the_reference_rows():
     cfg = _preset(part="main")
-    steps = rp.plan_steps(cfg, Path("t.ckpt"))
+    steps = rp_runs.plan_steps(cfg, Path("t.ckpt"))
     assert len(steps) == 2 * 11 * 3 and {s.seed for s in steps} == {0, 1, 2}
     assert [s.run for s in steps if s.method in ("seed", "simreg", "disco")] == [False] * 18
     sup = [s for s in steps if s.method == "supervised"]
@@ -378,64 +382,64 @@ def test_supervised_runs_evaluate_the_reference_rows():
 def test_table_takes_each_row_from_its_run_and_orders_references_first():
     cfg = _preset(students="[alexnet_small]", methods="[moco_scratch,supervised,compress_2q]", family_methods="[]",
                   seeds="[0,1]")
-    steps = rp.plan_steps(cfg, Path("t.ckpt"))
+    steps = rp_runs.plan_steps(cfg, Path("t.ckpt"))
 
     def res(st):
         v = {"moco_scratch": 80.0, "supervised": 90.0, "compress_2q": 83.0}[st.method] + st.seed
-        out = {f"student ({st.method})": {m: v for m in rp.METRICS}}
+        out = {f"student ({st.method})": {m: v for m in rp_settings.METRICS}}
         if "random" in st.references:
-            out["student, random init"] = {m: 70.0 + st.seed for m in rp.METRICS}
+            out["student, random init"] = {m: 70.0 + st.seed for m in rp_settings.METRICS}
         if "teacher" in st.references:
-            out["teacher (fashion_mnist)"] = {m: 85.0 for m in rp.METRICS}
+            out["teacher (fashion_mnist)"] = {m: 85.0 for m in rp_settings.METRICS}
         if "pixels" in st.references:
-            out["raw pixels"] = {m: 81.0 for m in rp.METRICS}
+            out["raw pixels"] = {m: 81.0 for m in rp_settings.METRICS}
         return out
 
     table = rp.table_rows(cfg, steps, [res(s) for s in steps])["alexnet_small"]
-    assert list(table) == ["raw pixels", "random init", rp.TEACHER, "supervised", rp.SCRATCH, "CompReSS-2q"]
-    assert table["raw pixels"]["1-NN"] == [81.0, 0.0, 1] and table[rp.TEACHER]["1-NN"] == [85.0, 0.0, 1]
+    assert list(table) == ["raw pixels", "random init", rp_tables.TEACHER, "supervised", rp_tables.SCRATCH, "CompReSS-2q"]
+    assert table["raw pixels"]["1-NN"] == [81.0, 0.0, 1] and table[rp_tables.TEACHER]["1-NN"] == [85.0, 0.0, 1]
     assert table["random init"]["1-NN"][:2] == [70.5, pytest.approx(math.sqrt(0.5))]
     assert table["CompReSS-2q"]["1-NN"][0] == 83.5
 
 
 # ------------------------------------------------------------------------------------------- the claim check
 def _rows(**means):
-    return {k: {m: [v, 0.5, 3] for m in rp.METRICS} for k, v in means.items()}
+    return {k: {m: [v, 0.5, 3] for m in rp_settings.METRICS} for k, v in means.items()}
 
 
 def test_gap_closed_and_ranking_by_hand():
-    rows = _rows(**{"raw pixels": 81.0, rp.TEACHER: 86.0, "supervised": 88.0, rp.SCRATCH: 82.0,
+    rows = _rows(**{"raw pixels": 81.0, rp_tables.TEACHER: 86.0, "supervised": 88.0, rp_tables.SCRATCH: 82.0,
                     "CompReSS-2q": 84.0, "CompReSS-1q": 85.0, "Regression": 83.0, "SEED": 85.5})
-    c = rp.claim_check(rows)
+    c = rp_tables.claim_check(rows)
     assert c["gap_points"] == 4.0
     assert c["gap_closed"] == {"SEED": 0.875, "CompReSS-1q": 0.75, "CompReSS-2q": 0.5, "Regression": 0.25}
     assert c["ranking"][0] == "SEED" and c["compress_rank"] == 2 and c["compress_first"] is False
     # the paper's own claim leaves out the later family: CompReSS leads Regression there
     assert c["paper_ranking"] == ["CompReSS-1q", "CompReSS-2q", "Regression"] and c["paper_compress_first"] is True
-    text = "\n".join(rp.claim_lines("alexnet_small", c))
+    text = "\n".join(rp_tables.claim_lines("alexnet_small", c))
     assert "| SEED | 88% | 1 |" in text
     assert ("CompReSS ranks first among the paper's methods (its baselines and CompReSS), as the paper claims."
             in text)
     assert ("CompReSS does not rank first with the later family (SEED, SimReg, DisCo): SEED leads; CompReSS's "
             "better variant is #2 of 4." in text)
-    rows["SEED"] = {m: [84.5, 0.1, 3] for m in rp.METRICS}
-    assert rp.claim_check(rows)["compress_first"] is True
+    rows["SEED"] = {m: [84.5, 0.1, 3] for m in rp_settings.METRICS}
+    assert rp_tables.claim_check(rows)["compress_first"] is True
     rows.pop("SEED")
-    plain = rp.claim_check(rows)
+    plain = rp_tables.claim_check(rows)
     assert "paper_ranking" not in plain
-    assert rp.claim_lines("s", plain)[-1] == ("CompReSS ranks first among the distillation methods, as the paper "
+    assert rp_tables.claim_lines("s", plain)[-1] == ("CompReSS ranks first among the distillation methods, as the paper "
                                               "claims.")
-    assert rp.claim_check(_rows(**{rp.SCRATCH: 80.0})) is None
-    early = rp.claim_check(_rows(**{rp.TEACHER: 86.0, rp.SCRATCH: 82.0, "Regression": 83.0}))  # a partial table
+    assert rp_tables.claim_check(_rows(**{rp_tables.SCRATCH: 80.0})) is None
+    early = rp_tables.claim_check(_rows(**{rp_tables.TEACHER: 86.0, rp_tables.SCRATCH: 82.0, "Regression": 83.0}))  # a partial table
     assert early["compress_rank"] is None and early["compress_first"] is False
-    assert rp.claim_lines("s", early)[-1] == "No CompReSS row yet: the claim cannot be checked."
+    assert rp_tables.claim_lines("s", early)[-1] == "No CompReSS row yet: the claim cannot be checked."
 
 
 def test_best_self_supervised_row_is_marked_and_references_never_are():
-    rows = _rows(**{"raw pixels": 99.0, rp.TEACHER: 98.0, "supervised": 97.0, rp.SCRATCH: 80.0,
+    rows = _rows(**{"raw pixels": 99.0, rp_tables.TEACHER: 98.0, "supervised": 97.0, rp_tables.SCRATCH: 80.0,
                     "CompReSS-1q": 85.0, "CRD": 84.0})
-    assert rp.best_rows(rows) == {m: {"CompReSS-1q"} for m in rp.METRICS}
-    md = rp.markdown_table({"alexnet_small": rows}, {"data": "d", "command": "c", "teacher": "t",
+    assert rp_tables.best_rows(rows) == {m: {"CompReSS-1q"} for m in rp_settings.METRICS}
+    md = rp_tables.markdown_table({"alexnet_small": rows}, {"data": "d", "command": "c", "teacher": "t",
                                                      "student_args": "s", "seeds": [0, 1, 2]})
     assert "| CompReSS-1q | **85.00 ± 0.50** |" in md and "| raw pixels | 99.00 ± 0.50 |" in md
     assert "CompReSS ranks first among the distillation methods" in md and "| CompReSS-1q | 28% | 1 |" in md and "| CRD | 22% | 2 |" in md  # 5/18, 4/18
@@ -452,15 +456,15 @@ def test_parallel_steps_run_each_command_once_after_the_cache_is_built_alone(tmp
             order.append((tag, threads, log_file))
         return runs / tag, {"student (x)": {"1-NN": 1.0}}
 
-    monkeypatch.setattr(rp, "_run_step", fake)
-    monkeypatch.setattr(rp, "build_teacher_cache", lambda step, runs: order.append(("cache for " + step.tag,
+    monkeypatch.setattr(rp_runs, "_run_step", fake)
+    monkeypatch.setattr(rp_runs, "build_teacher_cache", lambda step, runs: order.append(("cache for " + step.tag,
                                                                                     None, True)))
     cfg = _preset(out_dir=str(tmp_path), jobs=2)
-    steps = [rp.Step("a", "compress_lit.train", ["method=supervised"], True, method="supervised"),
-             rp.Step("b", "compress_lit.train", ["method=compress_2q"], True, method="compress_2q"),
-             rp.Step("b-again", "compress_lit.train", ["method=compress_2q"], True, method="compress_2q"),
-             rp.Step("c", "compress_lit.train", ["method=crd"], True, method="crd")]
-    res = rp.execute(cfg, steps, tmp_path)
+    steps = [rp_runs.Step("a", "compress_lit.train", ["method=supervised"], True, method="supervised"),
+             rp_runs.Step("b", "compress_lit.train", ["method=compress_2q"], True, method="compress_2q"),
+             rp_runs.Step("b-again", "compress_lit.train", ["method=compress_2q"], True, method="compress_2q"),
+             rp_runs.Step("c", "compress_lit.train", ["method=crd"], True, method="crd")]
+    res = rp_runs.execute(cfg, steps, tmp_path)
     assert order[0][0] == "cache for b"  # the cache of the first cached method, alone, before any run
     assert sorted(t for t, _, _ in order[1:]) == ["a", "b", "c"]  # the duplicate ran once
     # every run, the cached ones included, with the pool's thread count: none depends on who built the cache
@@ -469,7 +473,7 @@ def test_parallel_steps_run_each_command_once_after_the_cache_is_built_alone(tmp
 
 
 def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch):
-    from compress_lit.config import ConfigError
+    from compress_lit.runtime.config import ConfigError
 
     cal = _preset("calibrate", out_dir=str(tmp_path))
     sup = [c.label for c in cal.candidates if c.method == "supervised"]
@@ -488,8 +492,8 @@ def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch)
         lin = next((lin[a_] for a_ in args if a_ in lin), 85.0)
         return runs / tag, {"student (x)": {"1-NN": v, "20-NN": v, "cluster": 1.0, "linear": lin}}
 
-    monkeypatch.setattr(rp, "_run_step", fake)
-    monkeypatch.setattr(rp, "build_teacher_cache", lambda step, runs: None)
+    monkeypatch.setattr(rp_runs, "_run_step", fake)
+    monkeypatch.setattr(rp_runs, "build_teacher_cache", lambda step, runs: None)
     groups = rp.run_calibration(cal, tmp_path, tmp_path)
     chosen = {g: [c["label"] for c in cands if c["chosen"]] for g, cands in groups.items()}
     assert chosen["learning rate (CompReSS-2q, T 0.04, m 0.99)"] == ["lr 0.1"]  # 83 > 82
@@ -517,10 +521,10 @@ def test_calibration_marks_each_groups_best_on_its_metric(tmp_path, monkeypatch)
 
 def test_method_args_reach_only_their_method():
     cfg = _preset(**{"+method_args": "{compress_2q: ['method.temperature=0.07']}"})
-    _, two_q = rp.step_command(cfg, "alexnet_small", "compress_2q", 0, Path("t.ckpt"))
-    _, seed = rp.step_command(cfg, "alexnet_small", "seed", 0, Path("t.ckpt"))
+    _, two_q = rp_runs.step_command(cfg, "alexnet_small", "compress_2q", 0, Path("t.ckpt"))
+    _, seed = rp_runs.step_command(cfg, "alexnet_small", "seed", 0, Path("t.ckpt"))
     assert "method.temperature=0.07" in two_q and "method.temperature=0.07" not in seed
-    _, plain = rp.step_command(_preset(), "alexnet_small", "compress_2q", 0, Path("t.ckpt"))
+    _, plain = rp_runs.step_command(_preset(), "alexnet_small", "compress_2q", 0, Path("t.ckpt"))
     assert [a for a in two_q if a != "method.temperature=0.07"] == plain  # nothing else changes (same run hashes)
 
 
@@ -531,10 +535,10 @@ def test_table_part_runs_nothing_and_says_the_table_is_partial(tmp_path, monkeyp
     def fake(module, args, runs, tag, dry, threads=None, log_file=False, run=True, **k):
         ran.append(run)
         if "method=supervised" in args and "seed=0" in args:
-            return runs / tag, {"student (supervised)": {m: 90.0 for m in rp.METRICS}}
+            return runs / tag, {"student (supervised)": {m: 90.0 for m in rp_settings.METRICS}}
         return runs / tag, None
 
-    monkeypatch.setattr(rp, "_run_step", fake)
+    monkeypatch.setattr(rp_runs, "_run_step", fake)
     cfg = _preset(out_dir=str(tmp_path), part="table", students="[alexnet_small]")
     table = rp.run_reproduce(cfg)["alexnet_small"]
     assert ran and not any(ran)  # every step only read
@@ -588,7 +592,7 @@ def test_supervised_classifier_accuracy_equals_a_direct_forward(tmp_path, train_
     assert got["num_val"] == len(ys) and got["top1"] == pytest.approx(want, abs=1e-9)
     torch.save({"state_dict": {k: v for k, v in state.items() if k.startswith("student.")},
                 "hyper_parameters": {"config": config}}, tmp_path / "no_head.ckpt")
-    from compress_lit.config import ConfigError
+    from compress_lit.runtime.config import ConfigError
 
     with pytest.raises(ConfigError, match="not a method=supervised run"):
         classifier_accuracy(tmp_path / "no_head.ckpt")
@@ -598,21 +602,21 @@ def test_supervised_rows_get_their_classifier_accuracy_once_per_run(tmp_path, mo
     import compress_lit.evaluation.classifier as clf
 
     cfg = _preset(students="[alexnet_small]", methods="[supervised]", family_methods="[]", seeds="[0,1]")
-    steps = rp.plan_steps(cfg, Path("t.ckpt"), teacher="ab" * 32)  # a run's key includes the teacher's hash
+    steps = rp_runs.plan_steps(cfg, Path("t.ckpt"), teacher="ab" * 32)  # a run's key includes the teacher's hash
     for st in steps:
-        d = tmp_path / f"{st.tag}-{rp.step_key(st.module, st.args, st.teacher)}"
+        d = tmp_path / f"{st.tag}-{rp_runs.step_key(st.module, st.args, st.teacher)}"
         (d / "checkpoints").mkdir(parents=True)
         (d / "checkpoints" / "last.ckpt").write_bytes(b"x")
         (d / "results.json").write_text("{}")
     calls = []
     monkeypatch.setattr(clf, "classifier_accuracy", lambda p: calls.append(p) or {"top1": 88.0 + len(calls)})
-    results = [{"student (supervised)": {m: 90.0 for m in rp.METRICS}} for _ in steps]
+    results = [{"student (supervised)": {m: 90.0 for m in rp_settings.METRICS}} for _ in steps]
     table = rp.table_rows(cfg, steps, results)
     rp.add_classifier_accuracy(table, steps, results, tmp_path)
     assert table["alexnet_small"]["supervised"]["classifier"] == [89.5, pytest.approx(math.sqrt(0.5)), 2]
     rp.add_classifier_accuracy(table, steps, results, tmp_path)
     assert len(calls) == 2  # kept in <run>/classifier.json, not recomputed
-    md = rp.markdown_table(table, {"data": "d", "command": "c", "teacher": "t", "student_args": "s", "seeds": [0, 1]})
+    md = rp_tables.markdown_table(table, {"data": "d", "command": "c", "teacher": "t", "student_args": "s", "seeds": [0, 1]})
     assert "its own classifier on the test split: top-1 89.50 ± 0.71 (2 runs)" in md
 
 
@@ -625,15 +629,15 @@ def test_the_teacher_cache_is_built_by_cache_features_with_the_steps_command_lin
         calls.append((cmd, env))
         return types.SimpleNamespace(returncode=len(calls) - 1)  # the first call succeeds, the second fails
 
-    monkeypatch.setattr(rp.subprocess, "run", fake_run)
-    st = rp.Step("alexnet_small-regression-s0", "compress_lit.train", ["method=regression", "teacher.cached=true"],
+    monkeypatch.setattr(rp_runs.subprocess, "run", fake_run)
+    st = rp_runs.Step("alexnet_small-regression-s0", "compress_lit.train", ["method=regression", "teacher.cached=true"],
                  True, method="regression", teacher="c" * 64)
-    rp.build_teacher_cache(st, tmp_path)
+    rp_runs.build_teacher_cache(st, tmp_path)
     cmd, env = calls[0]
-    key = rp.step_key(st.module, st.args, st.teacher)
+    key = rp_runs.step_key(st.module, st.args, st.teacher)
     assert cmd[1:] == ["-m", "compress_lit.cache_features", "method=regression", "teacher.cached=true",
                        f"hydra.run.dir={tmp_path / f'teacher-cache-{key}'}"]
     assert env is None  # every thread: no OMP_NUM_THREADS of the pool
     assert not list(tmp_path.glob("*/results.json"))  # not a run of the table
-    with pytest.raises(rp.StepFailed, match="building the teacher cache failed.*step.log"):
-        rp.build_teacher_cache(st, tmp_path)
+    with pytest.raises(rp_runs.StepFailed, match="building the teacher cache failed.*step.log"):
+        rp_runs.build_teacher_cache(st, tmp_path)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from compress_lit import reproduce as rp
-from compress_lit.config import ConfigError
-from compress_lit.run_records import load_progress, restore_progress, save_progress
+from compress_lit.reproduction import run as rp, runs as rp_runs
+from compress_lit.runtime.config import ConfigError
+from compress_lit.reproduction.records import load_progress, restore_progress, save_progress
 
 
 def _finished(runs: Path, name: str, res: dict, **extra) -> Path:
@@ -74,11 +74,11 @@ def _preset(**over):
 def _fake_step(ran, fail_on=None):
     """A step that 'trains' by writing its results.json where reproduce looks for it."""
     def fake(module, args, runs, tag, dry, threads=None, log_file=False, run=True, teacher=""):
-        done = rp._find_done(runs, tag, rp.step_key(module, args, teacher))
+        done = rp_runs._find_done(runs, tag, rp_runs.step_key(module, args, teacher))
         if done.exists():
             return done.parent, json.loads(done.read_text())
         if tag == fail_on:
-            raise rp.StepFailed(f"step {tag} failed")
+            raise rp_runs.StepFailed(f"step {tag} failed")
         ran.append(tag)
         res = {"student (x)": {"1-NN": float(len(ran))}}
         done.parent.mkdir(parents=True, exist_ok=True)
@@ -88,34 +88,34 @@ def _fake_step(ran, fail_on=None):
 
 
 def test_a_reproduction_continues_on_another_machine_from_its_progress_file(tmp_path, monkeypatch):
-    steps = [rp.Step(f"s{i}", "compress_lit.train", [f"seed={i}"], True, method="compress_2q", teacher="aa" * 32)
+    steps = [rp_runs.Step(f"s{i}", "compress_lit.train", [f"seed={i}"], True, method="compress_2q", teacher="aa" * 32)
              for i in range(3)]
     progress = tmp_path / "progress.json"
     cfg = _preset(progress=str(progress), jobs=1)
     first = []
-    monkeypatch.setattr(rp, "_run_step", _fake_step(first, fail_on="s2"))
-    with pytest.raises(rp.StepFailed):
-        rp.execute_recorded(cfg, steps, tmp_path / "machine1")
+    monkeypatch.setattr(rp_runs, "_run_step", _fake_step(first, fail_on="s2"))
+    with pytest.raises(rp_runs.StepFailed):
+        rp_runs.execute_recorded(cfg, steps, tmp_path / "machine1")
     assert first == ["s0", "s1"] and len(load_progress(progress)) == 2  # recorded although a step failed
 
     second = []  # a new machine: an empty runs/, only the progress file
-    monkeypatch.setattr(rp, "_run_step", _fake_step(second))
-    res = rp.execute_recorded(cfg, steps, tmp_path / "machine2")
+    monkeypatch.setattr(rp_runs, "_run_step", _fake_step(second))
+    res = rp_runs.execute_recorded(cfg, steps, tmp_path / "machine2")
     assert second == ["s2"]  # the recorded runs were not run again
     assert [r["student (x)"]["1-NN"] for r in res] == [1.0, 2.0, 1.0]
     assert len(load_progress(progress)) == 3
 
     # a rebuilt teacher with other weights: no record is any of its runs
-    other = [rp.Step(s.tag, s.module, s.args, True, method=s.method, teacher="bb" * 32) for s in steps]
+    other = [rp_runs.Step(s.tag, s.module, s.args, True, method=s.method, teacher="bb" * 32) for s in steps]
     third = []
-    monkeypatch.setattr(rp, "_run_step", _fake_step(third))
-    rp.execute_recorded(cfg, other, tmp_path / "machine3")
+    monkeypatch.setattr(rp_runs, "_run_step", _fake_step(third))
+    rp_runs.execute_recorded(cfg, other, tmp_path / "machine3")
     assert third == ["s0", "s1", "s2"]
 
     # without progress= nothing is read: a plain reproduction starts from its own runs/
     fourth = []
-    monkeypatch.setattr(rp, "_run_step", _fake_step(fourth))
-    rp.execute_recorded(_preset(jobs=1), steps, tmp_path / "machine4")
+    monkeypatch.setattr(rp_runs, "_run_step", _fake_step(fourth))
+    rp_runs.execute_recorded(_preset(jobs=1), steps, tmp_path / "machine4")
     assert fourth == ["s0", "s1", "s2"]
     assert len(list((tmp_path / "machine4").glob("*/results.json"))) == 3  # its own three, no restored records
 
@@ -129,8 +129,8 @@ def test_a_finished_step_records_its_seconds_and_command(tmp_path, monkeypatch):
         (run_dir / "results.json").write_text(json.dumps({"student (x)": {"1-NN": 50.0}}))
         return types.SimpleNamespace(returncode=0)
 
-    monkeypatch.setattr(rp.subprocess, "run", fake_run)
-    run_dir, res = rp._run_step("compress_lit.train", ["method=cc", "seed=1"], tmp_path, "t", dry=False, threads=1)
+    monkeypatch.setattr(rp_runs.subprocess, "run", fake_run)
+    run_dir, res = rp_runs._run_step("compress_lit.train", ["method=cc", "seed=1"], tmp_path, "t", dry=False, threads=1)
     step = json.loads((run_dir / "step.json").read_text())
     assert res == {"student (x)": {"1-NN": 50.0}} and step["threads"] == 1 and step["seconds"] >= 0
     assert step["command"] == "python -m compress_lit.train method=cc seed=1"
@@ -159,10 +159,10 @@ def test_a_supervised_step_keeps_its_classifier_accuracy_while_its_checkpoint_is
         (run_dir / "results.json").write_text("{}")
         return types.SimpleNamespace(returncode=0)
 
-    monkeypatch.setattr(rp.subprocess, "run", fake_run)
+    monkeypatch.setattr(rp_runs.subprocess, "run", fake_run)
     monkeypatch.setattr(clf, "classifier_accuracy", lambda p: {"top1": 91.5, "checkpoint": str(p)})
-    sup, _ = rp._run_step("compress_lit.train", ["method=supervised"], tmp_path, "sup", dry=False)
-    other, _ = rp._run_step("compress_lit.train", ["method=cc"], tmp_path, "cc", dry=False)
+    sup, _ = rp_runs._run_step("compress_lit.train", ["method=supervised"], tmp_path, "sup", dry=False)
+    other, _ = rp_runs._run_step("compress_lit.train", ["method=cc"], tmp_path, "cc", dry=False)
     assert json.loads((sup / "classifier.json").read_text())["top1"] == 91.5
     assert not (other / "classifier.json").exists()
     save_progress(tmp_path, tmp_path / "p.json")

@@ -17,12 +17,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from compress_lit.config import TeacherConfig, register_configs
-from compress_lit.export import check_parity, export_onnx, load_runtime, run_export
+from compress_lit.runtime.config import TeacherConfig, register_configs
+from compress_lit.exporting.convert import export_onnx
+from compress_lit.exporting.measure import check_parity
+from compress_lit.exporting.run import load_runtime, run_export
 from compress_lit.methods import CompReSS
 from compress_lit.models import build_backbone
 from compress_lit.teachers import FrozenTeacher, build_teacher
-from compress_lit.train import build_student
+from compress_lit.methods.build import build_student
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 register_configs()
@@ -217,7 +219,7 @@ def test_timm_efficientnet_b0_has_no_stochastic_depth_by_default():
 
 
 def test_drop_path_is_refused_for_other_students():
-    from compress_lit.config import ConfigError, validate_train
+    from compress_lit.runtime.config import ConfigError, validate_train
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="train", overrides=["student=resnet18", "student.drop_path=0.1"])

@@ -18,7 +18,7 @@ from torch import nn
 from compress_lit.evaluation.loading import load_model
 from compress_lit.models import build_backbone
 from compress_lit.models.torchvision_keys import alexnet_key_map, torchvision_key
-from compress_lit.teacher import TeacherLoadError
+from compress_lit.teachers import TeacherLoadError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from compress_lit.config import TeacherConfig
+from compress_lit.runtime.config import TeacherConfig
 from compress_lit.models import build_backbone
-from compress_lit.teacher import (FrozenTeacher, TeacherLoadError, build_teacher, load_backbone_state,
+from compress_lit.teachers import (FrozenTeacher, TeacherLoadError, build_teacher, load_backbone_state,
                                   simclr_tf_key_map)
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -15,16 +15,19 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-import compress_lit.train as train_mod
-from compress_lit.cache_features import compute_for_config, run_cache_features
-from compress_lit.config import register_configs
+import compress_lit.training.checks as training_checks
+import compress_lit.training.run as train_mod
+import compress_lit.training.teacher as training_teacher
 from compress_lit.data import build_datamodule
+from compress_lit.methods.build import build_method, build_student
 from compress_lit.models import build_backbone
-from compress_lit.teacher import FrozenTeacher, build_teacher
-from compress_lit.teacher_cache import (FEATURES_FILE, CachedFeatures, SeededViews, TeacherCacheError,
-                                        cache_dataset, cache_meta, cache_path, cache_views, compute_shard,
-                                        expected_meta, finalize_cache, open_cache, prepare_cache, read_meta,
-                                        shard_range, view_seed)
+from compress_lit.runtime.config import register_configs
+from compress_lit.teachers import FrozenTeacher, build_teacher
+from compress_lit.teachers.cache import (FEATURES_FILE, CachedFeatures, SeededViews, TeacherCacheError,
+                                        cache_dataset, cache_meta, compute_shard, expected_meta, finalize_cache,
+                                        open_cache, prepare_cache, read_meta, shard_range, view_seed)
+from compress_lit.teachers.cache_config import cache_path, cache_views, compute_for_config
+from compress_lit.training.teacher import run_cache_features
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 register_configs()
@@ -200,7 +203,7 @@ def test_training_with_the_cached_teacher_never_runs_a_teacher_network(teacher_c
 
     # the first step's loss, recomputed with the online teacher on the centre crops of the same images
     torch.manual_seed(0)
-    online = train_mod.build_method(cfg, train_mod.build_student(cfg.student), teacher, build_datamodule(cfg.data))
+    online = build_method(cfg, build_student(cfg.student), teacher, build_datamodule(cfg.data))
     missing, unexpected = online.load_state_dict(rec.state, strict=False)
     assert not unexpected and all(k.startswith("teacher.") for k in missing)
     online.train()
@@ -217,7 +220,7 @@ def test_missing_cache_names_the_command_or_is_built_when_asked(teacher_ckpt, tm
                        match="(?s)no teacher feature cache at .*python -m compress_lit.cache_features"):
         train_mod.run_train(cfg, tmp_path / "run1")
     # under Hydra the command repeats the run's own overrides
-    monkeypatch.setattr(train_mod, "_run_overrides", lambda: ["teacher=resnet50x4", "data.root=/my data"])
+    monkeypatch.setattr(training_checks, "run_overrides", lambda: ["teacher=resnet50x4", "data.root=/my data"])
     with pytest.raises(TeacherCacheError) as e:
         train_mod.run_train(cfg, tmp_path / "run1")
     assert "python -m compress_lit.cache_features teacher=resnet50x4 'data.root=/my data'" in str(e.value)
@@ -328,12 +331,12 @@ def test_the_cache_knows_exactly_which_images_the_teacher_saw(teacher_ckpt, ref)
     split is other images, and is refused (the sample fingerprint); the same split opens."""
     cache_dir, cfg, meta = ref
     assert meta["data"]["samples"] == _dm(cfg).train_dataset_eval.fingerprint()
-    train_mod.cached_teacher(_train_cfg(teacher_ckpt, cache_dir), _dm(_train_cfg(teacher_ckpt, cache_dir)))
+    training_teacher.cached_teacher(_train_cfg(teacher_ckpt, cache_dir), _dm(_train_cfg(teacher_ckpt, cache_dir)))
     other = _train_cfg(teacher_ckpt, cache_dir, "data.val_fraction=0.25")
     dm = _dm(other)
     assert dm.num_train == N  # same size, other images
     with pytest.raises(TeacherCacheError, match=r"data\.samples: cached '[0-9a-f]{64}' vs expected"):
-        train_mod.cached_teacher(other, dm)
+        training_teacher.cached_teacher(other, dm)
 
 
 def test_a_swapped_teacher_file_of_the_same_size_and_mtime_is_refused(teacher_ckpt, tmp_path):
@@ -350,7 +353,7 @@ def test_a_swapped_teacher_file_of_the_same_size_and_mtime_is_refused(teacher_ck
     assert os.stat(ckpt).st_size == st.st_size and os.stat(ckpt).st_mtime_ns == st.st_mtime_ns
     tcfg = _train_cfg(ckpt, tmp_path / "c")
     with pytest.raises(TeacherCacheError, match=r"teacher\.checkpoint_weights: cached '[0-9a-f]{64}' vs expected"):
-        train_mod.cached_teacher(tcfg, _dm(tcfg))
+        training_teacher.cached_teacher(tcfg, _dm(tcfg))
 
 
 def test_a_truncated_features_file_is_one_line_and_a_rebuild_repairs_it(teacher_ckpt, tmp_path, ref):

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from compress_lit.config import TeacherConfig, ViTOptions, teacher_formats
+from compress_lit.runtime.config import TeacherConfig, ViTOptions, teacher_formats
 from compress_lit.models import build_backbone
 from compress_lit.teachers import CHECKPOINT_FORMATS, TeacherLoadError, build_teacher, load_backbone_state
 
@@ -161,7 +161,7 @@ def test_every_format_module_is_registered_and_a_choice_of_teacher_format():
     assert {"dino", "dinov2", "mocov3", "barlowtwins", "vicreg", "moco", "swav", "simclr_tf", "simclr_converted",
             "torchvision", "compress_lit"} == set(CHECKPOINT_FORMATS)
     assert teacher_formats() == (*CHECKPOINT_FORMATS, "random", "timm")
-    from compress_lit.config import TEACHER_FORMATS
+    from compress_lit.runtime.config import TEACHER_FORMATS
     from compress_lit.evaluation.settings import MODEL_FORMATS
 
     assert TEACHER_FORMATS == teacher_formats() and MODEL_FORMATS == ("student", *TEACHER_FORMATS)
@@ -532,7 +532,7 @@ def test_a_vit_s_file_under_torchvision_needs_its_head_count_confirmed(tmp_path)
 def test_validation_requires_the_head_count_at_start_up():
     from hydra import compose, initialize_config_dir
 
-    from compress_lit.config import ConfigError, register_configs, validate_train
+    from compress_lit.runtime.config import ConfigError, register_configs, validate_train
 
     register_configs()
     base = ["teacher=torchvision_resnet50", "teacher.checkpoint=/x.pth", "teacher.arch=vit_small_patch16",
@@ -566,7 +566,7 @@ def test_a_format_refuses_an_architecture_it_was_never_released_in(tmp_path, fmt
 def test_validation_names_the_teacher_arch_before_anything_is_built():
     from hydra import compose, initialize_config_dir
 
-    from compress_lit.config import ConfigError, register_configs, validate_train
+    from compress_lit.runtime.config import ConfigError, register_configs, validate_train
 
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

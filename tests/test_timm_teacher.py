@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from compress_lit.config import ConfigError, TeacherConfig, register_configs, validate_train
+from compress_lit.runtime.config import ConfigError, TeacherConfig, register_configs, validate_train
 from compress_lit.teachers import TeacherLoadError, build_teacher
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

@@ -9,10 +9,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from compress_lit.config import register_configs, validate_train
+from compress_lit.runtime.config import register_configs, validate_train
 from compress_lit.models import build_from_config
 from compress_lit.teachers import FrozenTeacher
-from compress_lit.train import build_method, build_student
+from compress_lit.methods.build import build_method, build_student
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PRESETS = {  # preset: (teacher arch, teacher embed dim, student arch, student embed dim, patch: input a multiple)

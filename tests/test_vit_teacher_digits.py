@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from timm.models.vision_transformer import VisionTransformer
 
-import compress_lit.train as train_mod
-from compress_lit.cache_features import compute_for_config
-from compress_lit.config import register_configs
+import compress_lit.training.run as train_mod
+from compress_lit.teachers.cache_config import cache_path, compute_for_config
+from compress_lit.runtime.config import register_configs
 from compress_lit.data import build_datamodule
 from compress_lit.teachers import build_teacher
-from compress_lit.teachers.cache import FEATURES_FILE, cache_path, read_meta
+from compress_lit.teachers.cache import FEATURES_FILE, read_meta
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 N = 96  # training images (data.train_subset)

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from compress_lit.config import OptimConfig
+from compress_lit.runtime.config import OptimConfig
 from compress_lit.methods import MoCoV2
 
 N, B, D = 32, 8, 6  # samples, batch per process, input width (column 0 carries the sample id)

@@ -2,7 +2,7 @@
 B each or on 1 process with batch 2B whose data order equals what the 2 processes see together. Writes the final
 state_dict (rank 0). Used by tests/test_ddp.py and benchmarks/bench_ddp_bytes.py.
 
-The 2-process run uses the library's DDP strategy (``compress_lit.distributed.ddp_strategy``) and counts the bytes
+The 2-process run uses the library's DDP strategy (``compress_lit.runtime.distributed.ddp_strategy``) and counts the bytes
 each collective moves during training (gradient all-reduce through a counting DDP comm hook; buffer broadcasts,
 all-gathers, all-reduces and broadcasts through the torch.distributed functions DDP and Lightning call), written
 next to the state_dict as ``<out>.bytes.json``. A 5th argument ``broadcast_buffers`` restores DDP's default
@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from compress_lit.config import OptimConfig
-from compress_lit.distributed import ddp_strategy
+from compress_lit.runtime.config import OptimConfig
+from compress_lit.runtime.distributed import ddp_strategy
 from compress_lit.methods import CompReSS
 from compress_lit.models import build_backbone
-from compress_lit.teacher import FrozenTeacher
+from compress_lit.teachers import FrozenTeacher
 
 N, B, STEPS = 48, 8, 3
 

@@ -1,4 +1,4 @@
-"""The Lightning data module: train / val / train-eval loaders built from a :class:`~compress_lit.config.DataConfig`.
+"""The Lightning data module: train / val / train-eval loaders built from a :class:`~compress_lit.runtime.config.DataConfig`.
 
 * ``train_dataloader``: training augmentation (``MultiView`` of it when ``views > 1``), shuffled, ``drop_last``.
 * ``val_dataloader``: evaluation transform on the val split, in order.
@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ..distributed import per_process_batch
+from ..runtime.distributed import per_process_batch
 from .datasets import DatasetError, load_splits, split_holdout, take_subset
 from .transforms import MultiView, eval_transform, train_transform
 from .workers import cap_num_workers

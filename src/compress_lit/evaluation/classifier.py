@@ -11,8 +11,8 @@ import os
 
 import torch
 
-from ..config import ConfigError
-from ..safety import load_torch_file
+from ..runtime.config import ConfigError
+from ..runtime.safety import load_torch_file
 
 
 @torch.no_grad()

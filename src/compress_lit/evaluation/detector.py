@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..runtime.config import ConfigError
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
@@ -240,7 +240,7 @@ class DetectionModule(pl.LightningModule):
         self._dets = []
 
     def configure_optimizers(self):
-        from ..schedule import LRSchedule
+        from ..methods.schedule import LRSchedule
 
         s = self.settings
         params = [p for p in self.detector.parameters() if p.requires_grad]
@@ -284,7 +284,7 @@ class VOCDetectionData(pl.LightningDataModule):
                           num_workers=cap_num_workers(self.settings.num_workers), collate_fn=detection_collate)
 
     def train_dataloader(self):
-        from ..distributed import per_process_batch
+        from ..runtime.distributed import per_process_batch
 
         self.setup()
         per = per_process_batch(int(self.settings.batch_size), self._world(), "detect.batch_size")

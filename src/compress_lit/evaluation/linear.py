@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.datamodule import bank_loader
-from ..distributed import all_gather_cat
-from ..schedule import LRSchedule
+from ..runtime.distributed import all_gather_cat
+from ..methods.schedule import LRSchedule
 from .features import layers_fn, merge_shards
 from .settings import LinearProbeConfig
 from .ten_crop import average_crop_probabilities
@@ -324,7 +324,7 @@ class LinearProbe(pl.LightningModule):
         return out
 
     def configure_optimizers(self):
-        from ..schedule import build_optimizer
+        from ..methods.schedule import build_optimizer
 
         return build_optimizer(self.heads.parameters(), _optim_namespace(self.cfg))
 
@@ -339,7 +339,7 @@ def linear_datamodule_config(data_cfg, cfg: LinearProbeConfig):
         d["crop_scale"] = list(cfg.crop_scale)
     if d.get("eval_full_train"):  # the probe trains on the evaluation's train side: the whole train split
         d["train_subset"] = None
-    from ..config import DataConfig
+    from ..runtime.config import DataConfig
 
     return OmegaConf.merge(OmegaConf.structured(DataConfig), d)
 

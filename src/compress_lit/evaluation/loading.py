@@ -20,9 +20,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..config import ConfigError, DataConfig, validate_loader
+from ..runtime.config import ConfigError, DataConfig, validate_loader
 from ..models import build_from_config, embedding_layer
-from ..safety import load_torch_file
+from ..runtime.safety import load_torch_file
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from ..config import ConfigError
+from ..runtime.config import ConfigError
 from ..data.datamodule import bank_loader
 from .ten_crop import LABEL as TEN_CROP_LABEL
 

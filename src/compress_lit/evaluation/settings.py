@@ -4,7 +4,7 @@
 Registered as ``evaluate_schema``, ``linear_schema`` and ``detect_schema`` by :func:`register_eval_configs`. The
 ``conf/data/*`` presets are ``# @package _global_`` files that also set ``method.*`` / ``optim.*`` for training;
 here those two nodes are free-form dicts that are accepted and ignored. ``data`` is a :class:`DataOverrides`: every field of
-:class:`compress_lit.config.DataConfig`, optional, so that ``data.root=...`` works without a preset; the data
+:class:`compress_lit.runtime.config.DataConfig`, optional, so that ``data.root=...`` works without a preset; the data
 config used is ``DataConfig() <- the checkpoint's training data config (our checkpoints) <- data`` (non-null keys).
 """
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from ..config import DataConfig, ViTOptions
+from ..runtime.config import DataConfig, ViTOptions
 
 
 def __getattr__(name: str):
     if name == "MODEL_FORMATS":  # "student" (our checkpoints) and every teacher format (config.teacher_formats)
-        from ..config import teacher_formats
+        from ..runtime.config import teacher_formats
 
         return ("student", *teacher_formats())
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

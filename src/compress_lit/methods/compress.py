@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..losses.compress import compress_loss
-from ..momentum import ema_update, make_momentum_copy
-from ..anchor_queue import AnchorQueue
+from .momentum import ema_update, make_momentum_copy
+from .anchor_queue import AnchorQueue
 from .distill import DistillationModule, l2n
 
 

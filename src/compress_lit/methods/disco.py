@@ -2,7 +2,7 @@
 objective while its final embedding is held to the teacher's, on both augmented views of each image
 (:func:`compress_lit.losses.disco.disco_loss`).
 
-Training batches hold two views ``[x1, x2]`` (train.py builds the datamodule with ``views=2`` for this method). The
+Training batches hold two views ``[x1, x2]`` (training/run.py builds the datamodule with ``views=2`` for this method). The
 query encoder is the student (+ training head) and an MLP projector (Linear d→hidden, ReLU, Linear hidden→teacher
 width; MoCo v2's ``mlp_projector``); the key encoder is an EMA copy of both (``momentum``), run on view 2 with its
 BatchNorm groups drawn from a random permutation of the batch, so that a key is never normalised with its query's
@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anchor_queue import AnchorQueue
+from .anchor_queue import AnchorQueue
 from ..losses.disco import DISCO_WEIGHT, disco_loss
-from ..momentum import ema_update, make_momentum_copy
+from .momentum import ema_update, make_momentum_copy
 from ..teachers.batch_stats import batch_norms, batch_statistics
 from .distill import DistillationModule
 from .moco import auto_bn_splits, encode_in_groups, mlp_projector
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 TEACHER_BN = ("eval", "batch")
 
 class DisCo(DistillationModule):
-    #: images per training sample: train.py builds the datamodule with this many augmented views
+    #: images per training sample: training/run.py builds the datamodule with this many augmented views
     train_views = 2
 
     def __init__(self, student: nn.Module, teacher: nn.Module, optim, *, queue_size: int = 65_536,

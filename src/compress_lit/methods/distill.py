@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anchor_queue import AnchorQueue
-from ..nonfinite import LossWatch
-from ..config import ConfigError
-from ..distributed import all_gather_cat
-from ..resume import collect_rng_states, restore_rng_states
-from ..schedule import build_optimizer
+from .anchor_queue import AnchorQueue
+from ..runtime.nonfinite import LossWatch
+from ..runtime.config import ConfigError
+from ..runtime.distributed import all_gather_cat
+from ..runtime.resume import collect_rng_states, restore_rng_states
+from .schedule import build_optimizer
 
 log = logging.getLogger(__name__)
 

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_gather_cat
-from ..momentum import ema_update, make_momentum_copy
-from ..anchor_queue import AnchorQueue
-from ..nonfinite import LossWatch
-from ..resume import collect_rng_states, restore_rng_states
-from ..schedule import build_optimizer
+from ..runtime.distributed import all_gather_cat
+from .momentum import ema_update, make_momentum_copy
+from .anchor_queue import AnchorQueue
+from ..runtime.nonfinite import LossWatch
+from ..runtime.resume import collect_rng_states, restore_rng_states
+from .schedule import build_optimizer
 
 log = logging.getLogger(__name__)
 

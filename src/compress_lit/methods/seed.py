@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anchor_queue import AnchorQueue
+from .anchor_queue import AnchorQueue
 from ..losses.seed import seed_loss
 from .distill import DistillationModule, l2n
 from .moco import mlp_projector

@@ -53,8 +53,8 @@ def _requeue_took_over(trainer: pl.Trainer) -> bool:
 def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, checkpoint: str | None, run_dir: Path) -> None:
     """``trainer.fit`` resuming from ``checkpoint`` (read weights-only; the uint32 numpy RNG state of checkpoints
     written before plain-container RNG states is the one extra type allowed), with the SIGTERM handling above."""
-    from ..safety import _numpy_array_globals
-    from ..startup import write_to_run_log
+    from .safety import _numpy_array_globals
+    from .startup import write_to_run_log
 
     saver = next((c for c in trainer.callbacks if isinstance(c, SaveOnSigterm)), None)
     try:

@@ -26,7 +26,7 @@ import socket
 import time
 from pathlib import Path
 
-from ..safety import StartupError
+from .safety import StartupError
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".run.lock"

@@ -110,53 +110,6 @@ def default_cache_path(cache_dir: str | os.PathLike, teacher_name: str, data_nam
     return Path(cache_dir) / "features" / f"{teacher_name}_{data_name}{suffix}"
 
 
-def cache_views(cfg: Any) -> int:
-    """K for a (training or cache_features) root config: ``cache.views`` if set, else ``teacher.cache_views``."""
-    v = _select(cfg, "cache.views")
-    return int(v if v is not None else (_select(cfg, "teacher.cache_views") or 1))
-
-
-def cache_path(cfg: Any) -> Path:
-    """The cache directory for a root config: ``cache.output``, else ``teacher.cache_path``, else the default."""
-    for key in ("cache.output", "teacher.cache_path"):
-        v = _select(cfg, key)
-        if v:
-            return Path(os.path.expanduser(str(v)))
-    return default_cache_path(cfg.cache_dir, cfg.teacher.name, cfg.data.name, cache_views(cfg))
-
-
-def validate_cache_config(cfg: Any) -> None:
-    """Range checks of the cache settings (``teacher.cache_views``, ``cache.*``); raises ConfigError."""
-    from ..config import ConfigError
-
-    for key in ("teacher.cache_views", "cache.views"):
-        v = _select(cfg, key)
-        if v is not None and not 1 <= v <= MAX_VIEWS:
-            raise ConfigError(f"{key}={v!r} is invalid: need 1 <= views <= {MAX_VIEWS}")
-    for key in ("cache.batch_size", "cache.chunk_batches", "cache.max_chunks"):
-        v = _select(cfg, key)
-        if v is not None and v <= 0:
-            raise ConfigError(f"{key}={v!r} is invalid: it must be > 0")
-    v = _select(cfg, "cache.view_seed")
-    if v is not None and not 0 <= v < (1 << 32):
-        raise ConfigError(f"cache.view_seed={v!r} is invalid: need 0 <= seed < 2**32")
-    v = _select(cfg, "cache.dtype")
-    if v is not None and v not in DTYPES:
-        raise ConfigError(f"cache.dtype={v!r} is invalid: choose one of {list(DTYPES)}")
-
-
-def _select(cfg: Any, key: str) -> Any:
-    node = cfg
-    for part in key.split("."):
-        if node is None:
-            return None
-        try:
-            node = node.get(part) if hasattr(node, "get") else getattr(node, part, None)
-        except Exception:  # noqa: BLE001 - a missing key or an unresolved value: not set
-            return None
-    return node
-
-
 # ------------------------------------------------------------------------------------------------------------
 # meta: what a cache was built for
 # ------------------------------------------------------------------------------------------------------------
@@ -203,7 +156,7 @@ def checkpoint_weights_sha256(path: str) -> str:
     same size and mtime (a swapped teacher) has another hash."""
     import hashlib
 
-    from ..safety import load_torch_file
+    from ..runtime.safety import load_torch_file
 
     h = hashlib.sha256()
 
@@ -735,7 +688,7 @@ def cache_features_command(overrides: Sequence[str]) -> str:
 
 
 __all__ = ["AllViews", "CacheMissingError", "CachedFeatures", "SeededViews", "TeacherCacheError", "build_cache",
-           "cache_dataset", "cache_features_command", "cache_meta", "cache_path", "cache_views", "compare_meta",
+           "cache_dataset", "cache_features_command", "cache_meta", "compare_meta",
            "compute_shard", "data_identity", "default_cache_path", "expected_meta", "finalize_cache",
            "open_cache", "prepare_cache", "read_meta", "shard_range", "teacher_identity", "transform_identity",
-           "validate_cache_config", "view_seed", "write_meta"]
+           "view_seed", "write_meta"]

@@ -60,7 +60,7 @@ def first_line(e: BaseException) -> str:
 def read_checkpoint(path: str, fmt: str) -> Any:
     """``torch.load(weights_only=True)`` for every format (``safety.load_torch_file``): a file whose pickle needs
     more than tensors and plain containers is refused before any of it runs, whoever made it."""
-    from ..safety import CheckpointFileError, UnsafeFileError, load_torch_file
+    from ..runtime.safety import CheckpointFileError, UnsafeFileError, load_torch_file
 
     try:
         return load_torch_file(path, "teacher.checkpoint")

@@ -51,7 +51,7 @@ def teacher_presets() -> tuple[Preset, ...]:
     from omegaconf import OmegaConf
 
     from ..models import ARCHITECTURES
-    from ..paths import ConfigDirNotFound, config_dir
+    from ..runtime.paths import ConfigDirNotFound, config_dir
 
     try:
         folder = Path(config_dir()) / "teacher"

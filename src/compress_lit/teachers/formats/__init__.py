@@ -2,7 +2,7 @@
 
 Every module of this package defines ``FORMATS``, a tuple of :class:`~compress_lit.teachers.checkpoint.
 CheckpointFormat`; they are collected here by walking the package, so adding a format is one new file (its name
-then appears in ``teacher.format``'s choices, ``compress_lit.config.TEACHER_FORMATS``).
+then appears in ``teacher.format``'s choices, ``compress_lit.runtime.config.TEACHER_FORMATS``).
 """
 from __future__ import annotations
 

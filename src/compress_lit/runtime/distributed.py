@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("compress_lit.distributed")  # the name it always had
 
 
 # torch's FutureWarning for DistributedDataParallel(broadcast_buffers=...), which it says to keep using for now

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # compress_lit/ (this file is compress_lit/runtime/paths.py)
 
 
 class ConfigDirNotFound(FileNotFoundError):

@@ -38,7 +38,7 @@ def save_progress(runs: Path, path: Path) -> int:
 def load_progress(path: Path) -> dict[str, dict]:
     """``{run directory name: {file name: content}}`` from a progress file; a malformed one is a ``ConfigError``
     naming it."""
-    from .config import ConfigError
+    from ..runtime.config import ConfigError
 
     path = Path(path)
     try:

@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 from .config import ConfigError
 from .safety import UnreadableFileError, load_torch_file
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("compress_lit.resume")  # the name it always had
 
 
 def _config_without_resume(path: Path):
@@ -162,7 +162,7 @@ def prepare_resume(resume: str | None, run_dir: str | Path, config: dict | None 
     if resume == "auto" and config is not None:
         check_same_config(ckpt, saved, config)
     if target.resolve() != fresh.resolve():
-        from .runtime import run_folder
+        from . import run_folder
 
         run_folder.claim(target, resuming=True)  # refused while another process runs there
         continue_in(target, fresh)
@@ -241,7 +241,7 @@ def read_resume_checkpoint(ckpt: str | Path, key: str = "resume") -> dict:
 def metrics_history(run_dir: Path, before_step: int) -> list[dict[str, str]]:
     """The rows of ``<run_dir>/csv/metrics.csv`` logged before ``before_step`` (their non-empty cells). Nothing is
     removed here: the resumed run's CSV logger replaces the file (and ``hparams.yaml``) when it first writes."""
-    from .reporting import find_metrics_csv
+    from ..reporting.end_of_run import find_metrics_csv
 
     path = find_metrics_csv(run_dir)
     if path is None:

@@ -1,7 +1,7 @@
 """Experiment loggers: W&B (offline unless credentials are there; never prompts, never hangs), CSV, or none.
 
 A resumed run's CSV logger starts with the rows the run logged before its checkpoint (``history``, see
-:func:`compress_lit.resume.prepare_resume`), so ``metrics.csv`` holds the whole run once.
+:func:`compress_lit.runtime.resume.prepare_resume`), so ``metrics.csv`` holds the whole run once.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import netrc
 import os
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("compress_lit.loggers")  # the name it always had
 
 
 def wandb_credentials_present() -> bool:

@@ -13,20 +13,20 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("compress_lit.config")  # the name it always had
 
 
 def teacher_formats() -> tuple[str, ...]:
     """Every checkpoint format of ``compress_lit/teachers/formats/`` (one module per release family; imported on
     first use, so that reading the schema does not import torch), ``random`` and ``timm`` (a model built by timm from
     ``teacher.name``, with its pretrained weights: ``teacher=timm``)."""
-    from .teachers.formats import CHECKPOINT_FORMATS
+    from ..teachers.formats import CHECKPOINT_FORMATS
 
     return (*CHECKPOINT_FORMATS, "random", "timm")
 
 
 def __getattr__(name: str):
-    if name == "TEACHER_FORMATS":  # compress_lit.config.TEACHER_FORMATS: teacher_formats()
+    if name == "TEACHER_FORMATS":  # compress_lit.runtime.config.TEACHER_FORMATS: teacher_formats()
         return teacher_formats()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -344,7 +344,7 @@ def validate_loader(data: Any) -> None:
     if data.in_channels != 3:
         raise ConfigError(f"data.loader=dali decodes RGB images: data.in_channels={data.in_channels} needs "
                           f"data.loader=torch")
-    from .data.dali_loader import dali_problem  # imports DALI only to check it
+    from ..data.dali_loader import dali_problem  # imports DALI only to check it
 
     problem = dali_problem()
     if problem:
@@ -352,7 +352,7 @@ def validate_loader(data: Any) -> None:
 
 
 def _validate_common(cfg: DictConfig) -> None:
-    from .models import ARCHITECTURES, option_problems
+    from ..models import ARCHITECTURES, option_problems
 
     for key in ("data.image_size", "data.batch_size", "data.eval_batch_size", "optim.lr", "optim.epochs"):
         _positive(cfg, key)
@@ -425,15 +425,15 @@ def _validate_timm_teacher(cfg: DictConfig) -> None:
     if t.format != "timm" or t.arch != "timm":
         raise ConfigError(f"teacher.format={t.format} with teacher.arch={t.arch}: a timm teacher takes both "
                           f"teacher.format=timm and teacher.arch=timm (teacher=timm), its model named by teacher.name")
-    from .teachers.timm_teacher import name_problem
+    from ..teachers.timm_teacher import name_problem
 
     name = OmegaConf.select(t, "name", throw_on_missing=False)
     why = name_problem(name)
     if why:
         raise ConfigError(f"teacher.name is required: {why}" if not name
                           else f"teacher.name={name!r} is invalid: {why}")
-    from .models.timm_backbone import token_layout
-    from .models.vit import EMBEDDINGS
+    from ..models.timm_backbone import token_layout
+    from ..models.vit import EMBEDDINGS
 
     if t.embedding is not None and t.embedding not in EMBEDDINGS:
         raise ConfigError(f"teacher.embedding={t.embedding!r} is invalid: choose one of {list(EMBEDDINGS)}")
@@ -452,8 +452,8 @@ MIN_PATCH_GRID = 4
 def vit_patch_size(node: Any) -> Optional[int]:
     """The patch size of a ``student`` / ``teacher`` node's ViT architecture (with its ``small_input`` and ``vit.*``
     overrides); None for other architectures."""
-    from .models import backbone_options, is_vit
-    from .models.vit import OVERRIDABLE, VIT_SPECS, resolve_spec
+    from ..models import backbone_options, is_vit
+    from ..models.vit import OVERRIDABLE, VIT_SPECS, resolve_spec
 
     if node is None or not is_vit(str(node.arch)):
         return None
@@ -469,7 +469,7 @@ def _check_patch_grid(cfg: DictConfig, group: str) -> None:
     if node is None:
         return
     if group == "teacher" and _is_timm_teacher(node):
-        from .models.timm_backbone import patch_size
+        from ..models.timm_backbone import patch_size
 
         name = OmegaConf.select(node, "name", throw_on_missing=False)
         patch = patch_size(str(name)) if name and OmegaConf.select(node, "format") == "timm" else None
@@ -500,7 +500,7 @@ def validate_train(cfg: DictConfig) -> None:
     _positive(cfg, "method.student_temperature")
     _one_of(cfg, "method.name", METHODS)
     _one_of(cfg, "teacher.format", teacher_formats())
-    from .teachers.loading import arch_problem, heads_problem
+    from ..teachers.loading import arch_problem, heads_problem
 
     why = arch_problem(cfg.teacher.format, cfg.teacher.arch)
     if why:

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Optional
 import pytorch_lightning as pl
 import torch
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("compress_lit.reporting")  # the name it always had
 
 LEARNING_CURVES = "learning_curves.png"
 CLUSTER_GRID = "cluster_grid.png"
@@ -291,10 +291,10 @@ def cluster_pictures(model, dm, out_dir: str | Path, device="cpu", train_subset:
     (seed ``seed``, k = number of classes) on the train features, the val images by cluster (the paper's
     picture) and the cluster -> class confusion of the val split. Features of seeded subsets of at most
     ``train_subset`` / ``val_subset`` images (the in-training evaluation's sizes) keep it cheap on big data."""
-    from .data.datamodule import bank_loader
-    from .evaluation.cluster import cluster_alignment, plot_cluster_grid, plot_confusion
-    from .evaluation.features import extract_features
-    from .evaluation.loading import denormalizer
+    from ..data.datamodule import bank_loader
+    from ..evaluation.cluster import cluster_alignment, plot_cluster_grid, plot_confusion
+    from ..evaluation.features import extract_features
+    from ..evaluation.loading import denormalizer
 
     out_dir = Path(out_dir)
     train = _subset(bank_loader(dm), train_subset, seed)

@@ -31,13 +31,13 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 from omegaconf import OmegaConf
 
 from .config import ConfigError
-from .data import DatasetError
+from ..data import DatasetError
 from .nonfinite import NonFiniteError
 from .safety import StartupError
-from .teachers import TeacherLoadError
-from .teachers.cache import TeacherCacheError
+from ..teachers import TeacherLoadError
+from ..teachers.cache import TeacherCacheError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("compress_lit.startup")  # the name it always had
 T = TypeVar("T")
 
 # errors whose message is written for the user: shown as one line, without a traceback, by every entry point
@@ -251,8 +251,8 @@ def run_entry(entry: str, body: Callable[[], T], run_dir: Optional[Path] = None,
     run's log, the run directory is removed when it holds nothing but Hydra's start-up files, and the command ends
     with exit status 1 and one line on stderr: ``compress_lit.<entry>: <ErrorType>: <message>``. Ctrl-C ends in one
     line too (exit status 130): the folder, and for training the ``resume=auto`` line that continues it."""
-    from .runtime import run_folder
-    from .runtime.threads import choose_threads
+    from . import run_folder
+    from .threads import choose_threads
 
     global _output_dir
     _output_dir = None
