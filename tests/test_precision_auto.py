@@ -306,11 +306,10 @@ def test_the_committed_runs_are_still_found_where_auto_resolves_to_bf16(cpu):
     records, ident = _committed_records()
     cpu(XEON)
     full = _full_run_names(ident)
-    # (the DisCo runs' command line gained method.disco_weight=32.0 (#26): until they are rerun they are new runs)
-    assert len(full) == 66 and all("-disco-" in n for n in set(full) - set(records))
+    assert len(full) == 66 and set(full) <= set(records)
     calibration = _calibration_run_names(ident)
     assert len(calibration) == 13 and calibration <= set(records)
-    assert all(_command_precision(records[n]) == "bf16-mixed" for n in full if n in records)
+    assert all(_command_precision(records[n]) == "bf16-mixed" for n in full)
     cpu(ZEN2)  # where auto is fp32 they are other runs: none of the bf16 records may stand in for them
     assert not set(_full_run_names(ident)) & set(records)
 
