@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(epochs: int, workdir: Path, name: str, **env) -> float:
     cmd = [sys.executable, "-m", "compress_lit.pretrain", "pretrain_experiment=demo_teacher",
            f"optim.epochs={epochs}", "eval.at_end=false", "trainer.enable_progress_bar=false",
-           "trainer.enable_model_summary=false", "logger=none", f"hydra.run.dir={workdir / name}"]
+           "trainer.enable_model_summary=false", "logger=none", f"hydra.run.dir={workdir / name.replace(' ', '_').replace(',', '')}"]
     e = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "COMPRESS_LIT_THREADS")}
     e.update(PYTHONPATH=str(ROOT / "src"), **env)
     t0 = time.perf_counter()
